@@ -1,0 +1,223 @@
+"""The public Python API: :class:`Editor` (invert once, edit many times) and its results.
+
+>>> editor = Editor.from_pretrained("tiny")
+>>> inv = editor.invert("cat.png", "a photo of a cat", method="direct", steps=50)
+>>> out = editor.edit(inv, ["a photo of a dog", "a photo of a fox"], guidance=7.5)
+>>> out.images[0].save("dog.png")
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .control.base import Controller
+from .errors import PyinvError
+from .imageio import center_crop_resize, load_image, pil_to_tensor, tensor_to_pil
+from .inversion import Inversion, get_method
+from .models import DiffusionModel, load_model
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
+
+
+@dataclass
+class EditResult:
+    """What :meth:`Editor.edit` returns.
+
+    Attributes:
+        images: one PIL image per target prompt.
+        latents: final target latents ``(T, C, h, w)``, float32.
+        source_image / source_latents: the source branch's result, when it was run.
+        unet_calls / unet_image_forwards: UNet work of the edit (image-forwards = batch rows).
+        batch_rows: the UNet batch layout, ``(branch, "uncond"|"cond")`` per row.
+        seconds: wall time of the edit (sampling + decoding).
+    """
+
+    images: list[Image.Image]
+    latents: torch.Tensor
+    prompts: list[str]
+    source_image: Image.Image | None = None
+    source_latents: torch.Tensor | None = None
+    unet_calls: int = 0
+    unet_image_forwards: int = 0
+    batch_rows: tuple[tuple[int, str], ...] = ()
+    seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_prompt(prompt: Any, what: str, allow_empty: bool = False) -> str:
+    if not isinstance(prompt, str):
+        raise PyinvError(f"{what} must be a string, got {type(prompt).__name__}")
+    if not prompt.strip() and not allow_empty:
+        raise PyinvError(f"{what} is empty")
+    return prompt
+
+
+def _check_guidance(guidance: float, what: str = "guidance") -> float:
+    try:
+        value = float(guidance)
+    except (TypeError, ValueError):
+        raise PyinvError(f"{what} must be a number, got {guidance!r}") from None
+    if not np.isfinite(value) or value < 0:
+        raise PyinvError(f"{what} must be a non-negative number, got {guidance}")
+    return value
+
+
+class Editor:
+    """Inverts images into a diffusion model and edits them with text.
+
+    One model, loaded once; :meth:`invert` returns an :class:`Inversion` that
+    :meth:`edit` can use any number of times, with one or several target prompts.
+    """
+
+    def __init__(self, model: DiffusionModel, progress: bool = False):
+        self.model = model
+        self.progress = progress
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str = "tiny",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        progress: bool = False,
+    ) -> Editor:
+        """Load a preset (``tiny``, ``sd15-arch``, …), a diffusers folder or a hub id."""
+        return cls(load_model(name_or_path, device=device, dtype=dtype), progress=progress)
+
+    # ------------------------------------------------------------------ images
+    def prepare_image(self, image: ImageInput) -> torch.Tensor:
+        """``(1, 3, S, S)`` in [-1, 1]: loaded, converted to RGB, centre-cropped, resized."""
+        return pil_to_tensor(center_crop_resize(load_image(image), self.model.image_size))
+
+    def encode(self, image: ImageInput) -> torch.Tensor:
+        """Latents ``z0 (1, C, h, w)`` of an image."""
+        return self.model.encode_image(self.prepare_image(image))
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        return tensor_to_pil(self.model.decode(latents))
+
+    # ------------------------------------------------------------------ invert
+    def invert(
+        self,
+        image: ImageInput,
+        source_prompt: str = "",
+        method: str = "direct",
+        steps: int | None = None,
+        guidance: float | None = None,
+        schedule: str | None = None,
+        seed: int | None = None,
+        **options: Any,
+    ) -> Inversion:
+        """Invert ``image`` described by ``source_prompt`` with ``method``.
+
+        ``steps``/``guidance``/``schedule`` default to the method's reference values;
+        ``guidance`` is the w the inversion is made for (NTI, PTI, Direct Inversion's
+        offsets; EF-DDPM's cfg_src). ``options`` are method-specific (``form=`` for
+        Direct Inversion, ``inner_steps=`` for NTI/PTI, …). ``seed`` seeds random draws.
+        """
+        algo = get_method(method)
+        _check_prompt(source_prompt, "source prompt", allow_empty=not algo.needs_source_prompt)
+        steps = algo.default_steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+            raise PyinvError(f"steps must be a positive integer, got {steps!r}")
+        guidance = _check_guidance(algo.default_guidance if guidance is None else guidance)
+        mode = schedule or algo.default_schedule
+        if mode not in ("reference", "checkpoint"):
+            raise PyinvError(f"unknown schedule {mode!r}; use 'reference' or 'checkpoint'")
+        unknown = set(options) - set(algo.invert_options)
+        if unknown:
+            raise PyinvError(f"method {algo.name!r} has no inversion option(s) {', '.join(sorted(unknown))}")
+        train = int(self.model.scheduler_config.get("num_train_timesteps", 1000))
+        if steps > train:
+            raise PyinvError(f"steps must be at most {train}, got {steps}")
+        z0 = self.encode(image)
+        with _seeded(seed, self.model.device):
+            return algo.invert(self.model, z0, source_prompt, steps, guidance, mode, self.progress, **options)
+
+    # ------------------------------------------------------------------ edit
+    def edit(
+        self,
+        inversion: Inversion | str | os.PathLike,
+        target: str | Sequence[str],
+        guidance: float | None = None,
+        control: Controller | None = None,
+        with_source: bool = False,
+        seed: int | None = None,
+        **options: Any,
+    ) -> EditResult:
+        """Edit an inverted image towards ``target`` (one prompt or a list, one batch).
+
+        ``control`` is an attention controller (``None`` = prompt swap). ``with_source``
+        also runs and returns the source branch (the reconstruction). ``options`` are
+        method-specific edit options (``eta=`` for PTI, ``skip=`` for EF-DDPM, …).
+        """
+        inv = self.load_inversion(inversion) if not isinstance(inversion, Inversion) else inversion
+        inv.check_model(self.model)
+        algo = get_method(inv.method)
+        targets = [target] if isinstance(target, str) else list(target)
+        if not targets:
+            raise PyinvError("no target prompt given")
+        for k, prompt in enumerate(targets):
+            _check_prompt(prompt, "target prompt" if len(targets) == 1 else f"target prompt {k + 1}")
+        guidance = _check_guidance(algo.default_guidance if guidance is None else guidance)
+        unknown = set(options) - set(algo.edit_options)
+        if unknown:
+            raise PyinvError(f"method {algo.name!r} has no edit option(s) {', '.join(sorted(unknown))}")
+        started = time.perf_counter()
+        with _seeded(seed, self.model.device):
+            out = algo.edit(self.model, inv, targets, guidance, control, with_source, self.progress, **options)
+        images = self.decode(out.targets)
+        source_image = self.decode(out.source)[0] if out.source is not None else None
+        return EditResult(
+            images=images,
+            latents=out.targets,
+            prompts=targets,
+            source_image=source_image,
+            source_latents=out.source,
+            unet_calls=out.unet_calls,
+            unet_image_forwards=out.unet_image_forwards,
+            batch_rows=out.batch_rows,
+            seconds=time.perf_counter() - started,
+        )
+
+    def reconstruct(self, inversion: Inversion, guidance: float | None = None, **options: Any) -> EditResult:
+        """Run the source branch only: the method's reconstruction of the inverted image.
+
+        Implemented as an edit whose target is the source prompt with the source branch
+        on; the returned ``source_latents``/``source_image`` are the reconstruction.
+        """
+        return self.edit(inversion, inversion.source_prompt or "", guidance=guidance, with_source=True, **options)
+
+    # ------------------------------------------------------------------ files
+    def load_inversion(self, path: str | os.PathLike) -> Inversion:
+        """Load an inversion file made with this editor's model (else a clear error)."""
+        return Inversion.load(path, model=self.model)
+
+
+class _seeded:
+    """Seed torch's RNGs for the block (restoring them after) when ``seed`` is given."""
+
+    def __init__(self, seed: int | None, device: torch.device):
+        self.seed = seed
+        self.devices = [device] if device.type == "cuda" else []
+        self._fork = None
+
+    def __enter__(self):
+        if self.seed is not None:
+            self._fork = torch.random.fork_rng(devices=self.devices)
+            self._fork.__enter__()
+            torch.manual_seed(int(self.seed))
+        return self
+
+    def __exit__(self, *exc):
+        if self._fork is not None:
+            return self._fork.__exit__(*exc)
+        return False

@@ -1,0 +1,5 @@
+"""Attention controllers for editing. :class:`Controller` is the interface the loop drives."""
+
+from .base import Controller, NoControl
+
+__all__ = ["Controller", "NoControl"]

@@ -1,0 +1,60 @@
+"""The controller interface the denoising loop drives.
+
+A controller says which source passes it reads (so the loop can drop the rest), is
+installed on the UNet for the duration of an edit (attention processors, forward hooks),
+is told the batch layout at the start of each step, and may adjust the latents after the
+step (LocalBlend). :class:`NoControl` is prompt swap: no attention control at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Which branch and which pass each row of the UNet batch is.
+
+    ``rows[r] = (branch, kind)`` with kind ``"uncond"`` or ``"cond"``; branch 0 is the
+    source when ``has_source``. Unconditional rows come first, as in diffusers.
+    """
+
+    rows: tuple[tuple[int, str], ...]
+    num_branches: int
+    has_source: bool
+
+    def row_of(self, branch: int, kind: str) -> int | None:
+        for r, row in enumerate(self.rows):
+            if row == (branch, kind):
+                return r
+        return None
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+
+class Controller:
+    """Base controller: reads nothing, changes nothing (prompt swap)."""
+
+    #: source passes the controller reads: any of {"uncond", "cond"}
+    reads_source: frozenset[str] = frozenset()
+
+    def install(self, model, layout: BatchLayout, num_steps: int) -> None:
+        """Attach to ``model.unet`` for one edit (attention processors, hooks)."""
+
+    def remove(self, model) -> None:
+        """Detach from ``model.unet``, restoring what :meth:`install` replaced."""
+
+    def begin_step(self, step: int, timestep: int) -> None:
+        """Called before the UNet call of sampling step ``step``."""
+
+    def after_step(self, step: int, latents: torch.Tensor) -> torch.Tensor:
+        """Called with the stepped latents ``(B, C, h, w)``; returns them (maybe changed)."""
+        return latents
+
+
+class NoControl(Controller):
+    """Prompt swap: the target branches are sampled with their prompts and nothing else."""

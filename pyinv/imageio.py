@@ -1,0 +1,165 @@
+"""Reading images robustly, preparing them for a model, and writing outputs atomically.
+
+Every reading problem (missing, empty, truncated, not an image, too small, too large)
+becomes a :class:`~pyinv.errors.PyinvError` with one clear line. Any mode Pillow opens is
+converted to 8-bit RGB: greyscale, palette, alpha (composited on white), 16-bit and 32-bit
+integer (rescaled, not clipped), float, CMYK.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import PyinvError
+
+MIN_SIDE = 8
+MAX_PIXELS = 100_000_000
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any Pillow mode (alpha composited on white)."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode == "F":
+            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+            scale = 255.0 / (hi - lo) if hi > lo else 0.0
+            arr = (arr - lo) * scale
+        else:
+            maxval = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+            arr = arr * (255.0 / maxval)
+        grey = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+        return grey.convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
+    """Open ``source`` (path, PIL image or HWC uint8 array) as an 8-bit RGB PIL image."""
+    if isinstance(source, Image.Image):
+        img = source
+    elif isinstance(source, np.ndarray):
+        arr = source
+        if arr.dtype != np.uint8:
+            raise PyinvError(f"numpy images must be uint8 HxWx3, got {arr.dtype}")
+        img = Image.fromarray(arr)
+    else:
+        path = os.fspath(source)
+        if not os.path.exists(path):
+            raise PyinvError(f"image not found: {path}")
+        if os.path.isdir(path):
+            raise PyinvError(f"expected an image file, got a folder: {path}")
+        if os.path.getsize(path) == 0:
+            raise PyinvError(f"image file is empty: {path}")
+        try:
+            img = Image.open(path)
+        except UnidentifiedImageError:
+            raise PyinvError(f"not an image file (or an unsupported format): {path}") from None
+        except OSError as exc:
+            raise PyinvError(f"cannot read image {path}: {exc}") from None
+        _check_size(img, path)
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise PyinvError(f"image file is damaged or truncated: {path} ({exc})") from None
+    _check_size(img, getattr(img, "filename", "") or "image")
+    return _to_rgb(img)
+
+
+def _check_size(img: Image.Image, label: str) -> None:
+    w, h = img.size
+    if min(w, h) < MIN_SIDE:
+        raise PyinvError(f"image is too small ({w}x{h}); each side must be at least {MIN_SIDE} px: {label}")
+    if w * h > MAX_PIXELS:
+        raise PyinvError(f"image is too large ({w}x{h}, over {MAX_PIXELS // 1_000_000} megapixels): {label}")
+
+
+def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
+    """Centre-crop to a square (the shorter side), then resize to ``size``² (bicubic),
+    as the references' ``load_512`` does."""
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    if side != size:
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    return img
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """``(1, 3, H, W)`` float32 in ``[-1, 1]`` from an RGB PIL image."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """PIL images from ``(B, 3, H, W)`` in ``[-1, 1]``."""
+    arr = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arr]
+
+
+def check_writable(path: str | os.PathLike) -> str:
+    """Fail early, before any work, if ``path`` cannot be written; returns it as a string."""
+    path = os.fspath(path)
+    if not path:
+        raise PyinvError("empty output path")
+    if os.path.isdir(path):
+        raise PyinvError(f"output path is a folder: {path}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise PyinvError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise PyinvError(f"output folder is not writable: {folder}")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise PyinvError(f"output file is not writable: {path}")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename,
+    on failure it is removed, so ``path`` is never left half-written."""
+    path = check_writable(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=".pyinv-", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def image_format(path: str | os.PathLike) -> str:
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext not in IMAGE_FORMATS:
+        raise PyinvError(f"unsupported output image type {ext or '(none)'!r}; use one of {', '.join(IMAGE_FORMATS)}")
+    return IMAGE_FORMATS[ext]
+
+
+def save_image(img: Image.Image, path: str | os.PathLike) -> None:
+    """Write ``img`` atomically; the format follows the extension."""
+    fmt = image_format(path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format=fmt)

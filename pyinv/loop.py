@@ -1,0 +1,196 @@
+"""The one denoising driver every method's editing (and reconstruction) runs through.
+
+A method describes its edit as an :class:`EditProgram`: the branches (optional source
+first, then one per target prompt), their start latents, per-step embeddings and
+guidance, and the per-step corrections (Direct Inversion's pin or offsets, EF-DDPM's
+noise maps). The driver decides the UNet batch from what the program and the controller
+need, calls the UNet once per step, and applies CFG + step + correction with the fused
+step op (:func:`pyinv.ops.guided_step`).
+
+Batch rows per step: for each branch, an unconditional pass when its guidance ≠ 1
+(and it is stepped), and a conditional pass; a *pinned* source branch is not stepped
+(its latent is set to ``z*_{prev(t)}``), so it has only the passes the controller reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from . import ops
+from .control.base import BatchLayout, Controller, NoControl
+from .schedule import Schedule
+
+#: A per-step tensor: the same for every step, or a function of the step index.
+PerStep = torch.Tensor | Callable[[int], torch.Tensor]
+
+
+def _at(value: PerStep, i: int) -> torch.Tensor:
+    return value(i) if callable(value) else value
+
+
+@dataclass
+class EditProgram:
+    """What a method hands the driver. ``B`` branches; shapes in brackets.
+
+    Attributes:
+        schedule: the noise schedule; steps ``first_step … N−1`` are run.
+        start: start latents ``(B, C, h, w)`` at level ``timesteps[first_step]``.
+        uncond: unconditional embeddings ``(B, L, D)`` (or per step).
+        cond: conditional embeddings ``(B, L, D)`` (or per step).
+        guidance: CFG scale per branch ``(B,)``.
+        has_source: branch 0 is the source branch.
+        source_pin: the pivot trajectory ``(N+1, C, h, w)`` (index k = level k steps up);
+            when given, after step i the source is set to ``trajectory[N−1−i]``.
+        source_offsets: per-step offsets ``(N, C, h, w)`` added to the source after step i.
+        sigmas: per-step σ for DDPM sampling (``None`` = DDIM).
+        noise: per-step noise maps ``(C, h, w)`` or ``(B, C, h, w)`` (with ``sigmas``).
+        noise_adjust: optional ``f(i, x0_pred (B,C,h,w), noise) -> noise`` (EF-DDPM
+            colour manipulation needs x̂0 before the step; uses the unfused path).
+    """
+
+    schedule: Schedule
+    start: torch.Tensor
+    uncond: PerStep
+    cond: PerStep
+    guidance: torch.Tensor
+    has_source: bool = False
+    first_step: int = 0
+    source_pin: torch.Tensor | None = None
+    source_offsets: torch.Tensor | None = None
+    sigmas: list[float] | None = None
+    noise: PerStep | None = None
+    noise_adjust: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def num_branches(self) -> int:
+        return int(self.start.shape[0])
+
+
+@dataclass
+class LoopResult:
+    """Final latents ``(B, C, h, w)`` (fp32) and what the loop spent."""
+
+    latents: torch.Tensor
+    unet_calls: int
+    unet_image_forwards: int
+    layout: BatchLayout
+    trajectory: list[torch.Tensor] = field(default_factory=list)
+
+
+def plan_layout(program: EditProgram, controller: Controller) -> BatchLayout:
+    """The UNet batch rows: unconditional passes first, then conditional ones."""
+    uncond_rows, cond_rows = [], []
+    pinned = program.has_source and program.source_pin is not None
+    for b in range(program.num_branches):
+        is_source = program.has_source and b == 0
+        if is_source and pinned:
+            if "uncond" in controller.reads_source:
+                uncond_rows.append((b, "uncond"))
+            if "cond" in controller.reads_source:
+                cond_rows.append((b, "cond"))
+            continue
+        if float(program.guidance[b]) != 1.0 or (is_source and "uncond" in controller.reads_source):
+            uncond_rows.append((b, "uncond"))
+        cond_rows.append((b, "cond"))
+    return BatchLayout(rows=tuple(uncond_rows + cond_rows), num_branches=program.num_branches, has_source=program.has_source)
+
+
+def run(
+    model,
+    program: EditProgram,
+    controller: Controller | None = None,
+    progress: bool = False,
+    desc: str = "edit",
+    keep_trajectory: bool = False,
+) -> LoopResult:
+    """Sample ``program`` to level 0 with ``controller`` installed; see the module docstring."""
+    controller = controller or NoControl()
+    schedule = program.schedule
+    layout = plan_layout(program, controller)
+    B = program.num_branches
+    n = schedule.num_steps
+    device = model.device
+    latents = program.start.to(device=device, dtype=torch.float32).clone()
+    guidance = program.guidance.to(device=device, dtype=torch.float32)
+    v_pred = schedule.prediction_type == "v_prediction"
+
+    row_branch = torch.tensor([b for b, _ in layout.rows], device=device, dtype=torch.long)
+    cond_index, uncond_index = _gather_indices(layout, B, device)
+    pin_mask = None
+    if program.has_source and program.source_pin is not None:
+        pin_mask = torch.zeros(B, dtype=torch.bool, device=device)
+        pin_mask[0] = True
+    calls0, forwards0 = model.unet_calls, model.unet_image_forwards
+    trajectory = [latents.clone()] if keep_trajectory else []
+
+    controller.install(model, layout, n)
+    try:
+        steps = range(program.first_step, n)
+        for i in tqdm(steps, desc=desc, disable=not progress, leave=False):
+            t, a_t, a_s = schedule.step_alphas(i)
+            controller.begin_step(i, t)
+            uncond, cond = _at(program.uncond, i).to(device), _at(program.cond, i).to(device)
+            if layout.size:
+                kinds = [k for _, k in layout.rows]
+                emb = torch.stack([(uncond if k == "uncond" else cond)[b] for (b, k) in layout.rows]) if kinds else None
+                with torch.no_grad():
+                    out = model.unet_forward(latents.index_select(0, row_branch), t, emb)
+                out_c, out_u = out.index_select(0, cond_index), out.index_select(0, uncond_index)
+            else:  # only a pinned source without passes: nothing to run
+                out_c = out_u = torch.zeros_like(latents)
+            noise = sigma = None
+            if program.sigmas is not None:
+                sigma = program.sigmas[i]
+                noise = _at(program.noise, i).to(device=device, dtype=torch.float32)
+                if noise.ndim == latents.ndim - 1:
+                    noise = noise.unsqueeze(0).expand_as(latents)
+                if program.noise_adjust is not None:
+                    x0 = _x0(out_u, out_c, guidance, latents, a_t, v_pred)
+                    noise = program.noise_adjust(i, x0, noise)
+            offset = pin = None
+            if program.has_source and program.source_offsets is not None:
+                offset = torch.zeros_like(latents)
+                offset[0] = program.source_offsets[i].to(device)
+            if pin_mask is not None:
+                pin = program.source_pin[n - 1 - i].to(device=device, dtype=torch.float32).unsqueeze(0).expand_as(latents)
+            latents = ops.guided_step(
+                latents, out_u, out_c, guidance, a_t, a_s, v_pred,
+                sigma=sigma or 0.0, noise=noise, offset=offset, pin=pin, pin_mask=pin_mask,
+            )
+            latents = controller.after_step(i, latents)
+            if keep_trajectory:
+                trajectory.append(latents.clone())
+    finally:
+        controller.remove(model)
+    return LoopResult(
+        latents=latents,
+        unet_calls=model.unet_calls - calls0,
+        unet_image_forwards=model.unet_image_forwards - forwards0,
+        layout=layout,
+        trajectory=trajectory,
+    )
+
+
+def _gather_indices(layout: BatchLayout, B: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per branch: the batch row of its conditional and unconditional output. A branch
+    without an unconditional pass uses its conditional row for both (CFG is then the
+    conditional output); a branch with no pass at all (pinned source) points at row 0."""
+    cond_idx, uncond_idx = [], []
+    for b in range(B):
+        c = layout.row_of(b, "cond")
+        u = layout.row_of(b, "uncond")
+        c = c if c is not None else (u if u is not None else 0)
+        cond_idx.append(c)
+        uncond_idx.append(u if u is not None else c)
+    return (torch.tensor(cond_idx, device=device, dtype=torch.long), torch.tensor(uncond_idx, device=device, dtype=torch.long))
+
+
+def _x0(out_u, out_c, guidance, latents, a_t, v_pred) -> torch.Tensor:
+    from .schedule import guided, split_prediction
+
+    m = guided(out_u, out_c, guidance)
+    return split_prediction(m, latents, a_t, "v_prediction" if v_pred else "epsilon")[0]

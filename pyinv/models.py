@@ -1,0 +1,345 @@
+"""Diffusion models: presets, diffusers folders and hub ids, behind one small interface.
+
+A :class:`DiffusionModel` holds the UNet, the optional VAE (``None`` = pixel space), the
+text encoder and tokenizer, and the scheduler config. Latents are kept in float32 by the
+algorithms; the model casts to its own dtype at each call and returns float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import PyinvError
+from .presets import PRESETS
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise PyinvError(f"unsupported dtype {dtype}; use fp32, fp16 or bf16")
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise PyinvError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16") from None
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise PyinvError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PyinvError(f"device {device!r} was asked for but this torch has no usable CUDA")
+    return dev
+
+
+@dataclass
+class DiffusionModel:
+    """A text-to-image diffusion model on one device and dtype.
+
+    Shapes: prompt embeddings ``(B, L, D)`` (L = 77 for CLIP), latents ``(B, C, h, w)``,
+    images ``(B, 3, H, W)`` in ``[-1, 1]``.
+    """
+
+    name: str
+    unet: torch.nn.Module
+    vae: torch.nn.Module | None
+    text_encoder: torch.nn.Module
+    tokenizer: Any
+    scheduler_config: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype
+    image_size: int
+    unet_calls: int = 0
+    unet_image_forwards: int = 0
+    _fp32_unet: torch.nn.Module | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def scale_factor(self) -> int:
+        """Pixels per latent pixel (1 in pixel space)."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.scale_factor
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", 0.18215)) if self.vae is not None else 1.0
+
+    # ------------------------------------------------------------------ text
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """CLIP last hidden states of ``prompts`` padded to the tokenizer's max length, fp32."""
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.max_tokens,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        hidden = self.text_encoder(ids)[0]
+        return hidden.float()
+
+    @property
+    def max_tokens(self) -> int:
+        """Padded prompt length: the tokenizer's limit, capped by the text encoder's positions."""
+        limit = int(getattr(self.text_encoder.config, "max_position_embeddings", 77))
+        return min(int(self.tokenizer.model_max_length), limit)
+
+    def token_count(self, prompt: str) -> int:
+        """Number of tokens of ``prompt`` without the start/end tokens."""
+        return len(self.tokenizer(prompt).input_ids) - 2
+
+    # ------------------------------------------------------------------ images
+    @torch.no_grad()
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """``z = vae.encode(x).latent_dist.mean · scaling_factor`` (pixels as-is without a VAE)."""
+        image = image.to(self.device)
+        if self.vae is None:
+            return image.float()
+        dist = self.vae.encode(image.to(self.vae.dtype)).latent_dist
+        return dist.mean.float() * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in ``[-1, 1]`` from latents; a fp16 decode that overflows is redone in fp32."""
+        if self.vae is None:
+            return latents.float().clamp(-1, 1)
+        scaled = latents / self.scaling_factor
+        image = self.vae.decode(scaled.to(self.vae.dtype)).sample
+        if not torch.isfinite(image).all() and self.vae.dtype != torch.float32:
+            vae32 = self.vae.float()
+            image = vae32.decode(scaled.float()).sample
+            self.vae.to(self.dtype)
+        return image.float().clamp(-1, 1)
+
+    # ------------------------------------------------------------------ unet
+    def unet_forward(self, latents: torch.Tensor, t: int, embeddings: torch.Tensor) -> torch.Tensor:
+        """One batched UNet call: ``(R, C, h, w)`` latents at timestep ``t`` with ``(R, L, D)``
+        embeddings → float32 model output ``(R, C, h, w)``. Counts calls and image-forwards."""
+        self.unet_calls += 1
+        self.unet_image_forwards += latents.shape[0]
+        out = self.unet(
+            latents.to(self.dtype), t, encoder_hidden_states=embeddings.to(self.dtype), return_dict=False
+        )[0]
+        return out.float()
+
+    def fp32_unet(self) -> torch.nn.Module:
+        """The UNet in float32 (a cached copy when the model runs in half precision).
+
+        NTI and PTI optimise embeddings through the UNet; the reference runs that in fp32.
+        """
+        if self.dtype == torch.float32:
+            return self.unet
+        if self._fp32_unet is None:
+            import copy
+
+            self._fp32_unet = copy.deepcopy(self.unet).float()
+        return self._fp32_unet
+
+    def unet_forward_grad(self, latents: torch.Tensor, t: int, embeddings: torch.Tensor) -> torch.Tensor:
+        """UNet call in fp32 with autograd enabled (for embedding optimisation)."""
+        self.unet_calls += 1
+        self.unet_image_forwards += latents.shape[0]
+        return self.fp32_unet()(latents.float(), t, encoder_hidden_states=embeddings.float(), return_dict=False)[0]
+
+    def reset_counters(self) -> None:
+        self.unet_calls = 0
+        self.unet_image_forwards = 0
+
+    # ------------------------------------------------------------------ identity
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this model for saved inversions: configs hash + a weight sample.
+
+        The weight sample (16 values of the UNet's first convolution) is compared with a
+        tolerance, so fp32/fp16/bf16 loads of the same checkpoint match and other checkpoints
+        of the same architecture do not.
+        """
+        configs = {
+            "unet": dict(self.unet.config),
+            "vae": dict(self.vae.config) if self.vae is not None else None,
+            "text_encoder": self.text_encoder.config.to_dict(),
+            "prediction_type": self.prediction_type,
+        }
+        blob = json.dumps(_jsonable(configs), sort_keys=True, default=str).encode()
+        weight = self.unet.conv_in.weight.detach().flatten()[:16].float().cpu().tolist()
+        return {
+            "name": self.name,
+            "config_sha256": hashlib.sha256(blob).hexdigest(),
+            "weight_sample": weight,
+        }
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items() if not str(k).startswith("_")}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def fingerprints_match(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """True when two :meth:`DiffusionModel.fingerprint` results describe the same model."""
+    if a.get("config_sha256") != b.get("config_sha256"):
+        return False
+    wa, wb = a.get("weight_sample") or [], b.get("weight_sample") or []
+    if len(wa) != len(wb):
+        return False
+    return bool(torch.allclose(torch.tensor(wa), torch.tensor(wb), rtol=1e-2, atol=1e-3))
+
+
+def load_model(
+    name_or_path: str,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    image_size: int | None = None,
+) -> DiffusionModel:
+    """Load a preset (``tiny``, ``tiny-v``, ``tiny-pixel``, ``sd15-arch``), a local diffusers
+    Stable Diffusion folder, or a hub id (downloaded by diffusers, cached as usual)."""
+    dev = parse_device(device)
+    dt = parse_dtype(dtype)
+    if not name_or_path or not str(name_or_path).strip():
+        raise PyinvError("empty model name")
+    name = str(name_or_path)
+    if name in PRESETS:
+        parts = PRESETS[name]()
+    else:
+        parts = _load_diffusers(name)
+    unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        for module in (unet, vae, text_encoder):
+            if module is not None:
+                module.to(device=dev, dtype=dt).eval().requires_grad_(False)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    size = image_size or parts.get("image_size") or _default_image_size(unet, vae)
+    return DiffusionModel(
+        name=name,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=parts["tokenizer"],
+        scheduler_config=dict(parts["scheduler_config"]),
+        device=dev,
+        dtype=dt,
+        image_size=int(size),
+    )
+
+
+def _default_image_size(unet, vae) -> int:
+    factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+    sample = unet.config.sample_size
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    return int(sample) * factor
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _load_diffusers(name: str) -> dict[str, Any]:
+    """Components of a diffusers Stable Diffusion folder or hub id."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = os.path.expanduser(name)
+    local = os.path.isdir(path)
+    if not local and (os.path.exists(path) or _looks_like_path(name)):
+        raise PyinvError(f"model folder not found: {name} (presets: {', '.join(PRESETS)})")
+    if local and not os.path.isdir(os.path.join(path, "unet")):
+        raise PyinvError(f"{name} is not a diffusers Stable Diffusion folder (no unet/ inside)")
+    source = path if local else name
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder")
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+        has_vae = os.path.isdir(os.path.join(path, "vae")) if local else True
+        vae = None
+        if has_vae:
+            try:
+                vae = AutoencoderKL.from_pretrained(source, subfolder="vae")
+            except (OSError, EnvironmentError):
+                if not local:
+                    vae = None
+                else:
+                    raise
+        scheduler_config = _read_scheduler_config(source, local)
+    except PyinvError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every loader failure becomes one clear line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PyinvError(f"cannot load model {name!r}: {first}") from exc
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler_config": scheduler_config,
+        "image_size": None,
+    }
+
+
+def _read_scheduler_config(source: str, local: bool) -> dict[str, Any]:
+    if local:
+        path = os.path.join(source, "scheduler", "scheduler_config.json")
+        if not os.path.isfile(path):
+            raise PyinvError(f"{source} has no scheduler/scheduler_config.json")
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    from huggingface_hub import hf_hub_download
+
+    with open(hf_hub_download(source, "scheduler_config.json", subfolder="scheduler"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def save_model(model: DiffusionModel, folder: str) -> None:
+    """Write ``model`` as a diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    os.makedirs(folder, exist_ok=True)
+    model.unet.save_pretrained(os.path.join(folder, "unet"))
+    if model.vae is not None:
+        model.vae.save_pretrained(os.path.join(folder, "vae"))
+    model.text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
+    model.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
+        json.dump(model.scheduler_config, f, indent=2)

@@ -1,0 +1,203 @@
+"""Built-in model presets: small random-weight models built from configs, offline.
+
+- ``tiny``: a few-hundred-kilobyte latent diffusion model (UNet2DConditionModel,
+  AutoencoderKL, CLIPTextModel) with a tokenizer written locally from a small vocabulary.
+  Random weights (seeded, so every build is identical); for tests and smoke runs.
+- ``tiny-v``: the same with ``prediction_type="v_prediction"``.
+- ``tiny-pixel``: the same UNet on 3-channel pixels, no VAE.
+- ``sd15-arch``: the Stable Diffusion 1.5 architecture (UNet, VAE, CLIP ViT-L/14 text
+  encoder) with random weights, for latency work (latency does not depend on weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+#: Words the tiny tokenizer knows as whole tokens; any other text falls back to characters.
+TINY_WORDS = """
+a an the of on in with and at by to photo picture painting drawing image sketch render
+red orange yellow green blue purple pink white black grey gray brown golden silver
+circle square triangle star heart shape ball box cube
+cat dog bird horse cow sheep lion tiger bear rabbit fox mouse fish duck owl panda monkey
+man woman boy girl person child face hat glasses shirt dress
+tree flower grass forest mountain river lake sea beach sky cloud sun moon snow rain field
+house car bike boat road city street bridge room table chair cup bowl apple banana cake
+background sitting standing running small big large tiny old new bright dark happy
+wooden metal glass stone plastic paper style oil watercolor cartoon
+""".split()
+
+#: Scheduler config shared by the tiny presets (SD 1.x's, including its own steps_offset=1).
+SD_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "PNDMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+    "trained_betas": None,
+}
+
+TINY_SEED = 20231004
+OUTPUT_SCALE = 0.3
+
+
+def _byte_alphabet() -> list[str]:
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    return sorted(ByteLevel.alphabet())
+
+
+def write_tiny_tokenizer(folder: str) -> None:
+    """Write a CLIP BPE tokenizer (``vocab.json`` + ``merges.txt``) for :data:`TINY_WORDS`.
+
+    The vocabulary holds every byte symbol (alone and word-final), every whole word and the
+    prefixes its left-to-right merges create, then the start/end tokens.
+    """
+    chars = _byte_alphabet()
+    vocab: dict[str, None] = dict.fromkeys(chars + [c + "</w>" for c in chars])
+    merges: dict[str, None] = {}
+    for word in TINY_WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges[f"{pieces[0]} {pieces[1]}"] = None
+            joined = pieces[0] + pieces[1]
+            vocab[joined] = None
+            pieces = [joined] + pieces[2:]
+    vocab["<|startoftext|>"] = None
+    vocab["<|endoftext|>"] = None
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({tok: i for i, tok in enumerate(vocab)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def tiny_tokenizer():
+    """The tiny CLIP tokenizer, written to a temporary folder and loaded from it."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="pyinv-tok-") as folder:
+        write_tiny_tokenizer(folder)
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+
+
+def _text_encoder(tokenizer, hidden: int, layers: int, heads: int, inter: int, vocab: int | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=vocab or len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def _tiny_unet(channels: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=3.0,
+    )
+
+
+def build_tiny(prediction_type: str = "epsilon", pixel: bool = False) -> dict[str, Any]:
+    """Components of the tiny model (seeded random weights): unet, vae, text encoder, tokenizer."""
+    tokenizer = tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        unet = _tiny_unet(3 if pixel else 4)
+        # A random UNet's prediction is far rougher in (z, t) than a trained one's; a small
+        # output layer keeps the tiny model's probability-flow ODE smooth enough that the
+        # inversion properties (round trips, drift under guidance) show as they do on SD.
+        with torch.no_grad():
+            unet.conv_out.weight.mul_(OUTPUT_SCALE)
+            unet.conv_out.bias.mul_(OUTPUT_SCALE)
+        vae = None if pixel else _tiny_vae()
+        text_encoder = _text_encoder(tokenizer, hidden=32, layers=2, heads=4, inter=64)
+    scheduler = dict(SD_SCHEDULER_CONFIG, prediction_type=prediction_type)
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler_config": scheduler,
+        "image_size": 16 if pixel else 32,
+    }
+
+
+def build_sd15_arch() -> dict[str, Any]:
+    """SD 1.5's architecture with seeded random weights (about 1.07 B parameters)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    tokenizer = tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+        )
+        text_encoder = _text_encoder(tokenizer, hidden=768, layers=12, heads=12, inter=3072, vocab=49408)
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler_config": dict(SD_SCHEDULER_CONFIG),
+        "image_size": 512,
+    }
+
+
+PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
+    "tiny": build_tiny,
+    "tiny-v": lambda: build_tiny(prediction_type="v_prediction"),
+    "tiny-pixel": lambda: build_tiny(pixel=True),
+    "sd15-arch": build_sd15_arch,
+}
