@@ -128,6 +128,8 @@ class Editor:
         steps = algo.default_steps if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
             raise PyinvError(f"steps must be a positive integer, got {steps!r}")
+        if guidance is None:  # a method may invert at another guidance than it edits with (EF-DDPM)
+            guidance = algo.default_inversion_guidance
         guidance = _check_guidance(algo.default_guidance if guidance is None else guidance)
         mode = schedule or algo.default_schedule
         if mode not in ("reference", "checkpoint"):
@@ -159,14 +161,17 @@ class Editor:
         also runs and returns the source branch (the reconstruction). ``options`` are
         method-specific edit options (``eta=`` for PTI, ``skip=`` for EF-DDPM, …).
         """
-        inv = self.load_inversion(inversion) if not isinstance(inversion, Inversion) else inversion
-        inv.check_model(self.model)
-        algo = get_method(inv.method)
         targets = [target] if isinstance(target, str) else list(target)
         if not targets:
             raise PyinvError("no target prompt given")
         for k, prompt in enumerate(targets):
             _check_prompt(prompt, "target prompt" if len(targets) == 1 else f"target prompt {k + 1}")
+        return self._edit(inversion, targets, guidance, control, with_source, seed, **options)
+
+    def _edit(self, inversion, targets: list[str], guidance, control, with_source, seed, **options) -> EditResult:
+        inv = self.load_inversion(inversion) if not isinstance(inversion, Inversion) else inversion
+        inv.check_model(self.model)
+        algo = get_method(inv.method)
         guidance = _check_guidance(algo.default_guidance if guidance is None else guidance)
         unknown = set(options) - set(algo.edit_options)
         if unknown:
@@ -194,7 +199,8 @@ class Editor:
         Implemented as an edit whose target is the source prompt with the source branch
         on; the returned ``source_latents``/``source_image`` are the reconstruction.
         """
-        return self.edit(inversion, inversion.source_prompt or "", guidance=guidance, with_source=True, **options)
+        prompt = inversion.source_prompt or inversion.options.get("init_prompt") or ""
+        return self._edit(inversion, [prompt], guidance, None, True, None, **options)
 
     # ------------------------------------------------------------------ files
     def load_inversion(self, path: str | os.PathLike) -> Inversion:

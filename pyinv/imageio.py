@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -67,14 +68,21 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Im
         if os.path.getsize(path) == 0:
             raise PyinvError(f"image file is empty: {path}")
         try:
-            img = Image.open(path)
+            with warnings.catch_warnings():
+                # pyinv applies its own size limit (MAX_PIXELS) right after opening
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(path)
+        except Image.DecompressionBombError:
+            raise PyinvError(f"image is too large (over {MAX_PIXELS // 1_000_000} megapixels): {path}") from None
         except UnidentifiedImageError:
             raise PyinvError(f"not an image file (or an unsupported format): {path}") from None
         except OSError as exc:
             raise PyinvError(f"cannot read image {path}: {exc}") from None
         _check_size(img, path)
         try:
-            img.load()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img.load()
         except (OSError, SyntaxError, ValueError) as exc:
             raise PyinvError(f"image file is damaged or truncated: {path} ({exc})") from None
     _check_size(img, getattr(img, "filename", "") or "image")
@@ -141,6 +149,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -148,7 +159,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
-IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+IMAGE_FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
 
 
 def image_format(path: str | os.PathLike) -> str:

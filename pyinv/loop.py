@@ -96,7 +96,9 @@ def plan_layout(program: EditProgram, controller: Controller) -> BatchLayout:
         if float(program.guidance[b]) != 1.0 or (is_source and "uncond" in controller.reads_source):
             uncond_rows.append((b, "uncond"))
         cond_rows.append((b, "cond"))
-    return BatchLayout(rows=tuple(uncond_rows + cond_rows), num_branches=program.num_branches, has_source=program.has_source)
+    return BatchLayout(
+        rows=tuple(uncond_rows + cond_rows), num_branches=program.num_branches, has_source=program.has_source
+    )
 
 
 def run(
@@ -114,8 +116,8 @@ def run(
     B = program.num_branches
     n = schedule.num_steps
     device = model.device
-    latents = program.start.to(device=device, dtype=torch.float32).clone()
-    guidance = program.guidance.to(device=device, dtype=torch.float32)
+    latents = program.start.to(device=device, dtype=model.latent_dtype).clone()
+    guidance = program.guidance.to(device=device, dtype=model.latent_dtype)
     v_pred = schedule.prediction_type == "v_prediction"
 
     row_branch = torch.tensor([b for b, _ in layout.rows], device=device, dtype=torch.long)
@@ -145,7 +147,7 @@ def run(
             noise = sigma = None
             if program.sigmas is not None:
                 sigma = program.sigmas[i]
-                noise = _at(program.noise, i).to(device=device, dtype=torch.float32)
+                noise = _at(program.noise, i).to(device=device, dtype=model.latent_dtype)
                 if noise.ndim == latents.ndim - 1:
                     noise = noise.unsqueeze(0).expand_as(latents)
                 if program.noise_adjust is not None:
@@ -156,10 +158,25 @@ def run(
                 offset = torch.zeros_like(latents)
                 offset[0] = program.source_offsets[i].to(device)
             if pin_mask is not None:
-                pin = program.source_pin[n - 1 - i].to(device=device, dtype=torch.float32).unsqueeze(0).expand_as(latents)
+                pin = (
+                    program.source_pin[n - 1 - i]
+                    .to(device=device, dtype=model.latent_dtype)
+                    .unsqueeze(0)
+                    .expand_as(latents)
+                )
             latents = ops.guided_step(
-                latents, out_u, out_c, guidance, a_t, a_s, v_pred,
-                sigma=sigma or 0.0, noise=noise, offset=offset, pin=pin, pin_mask=pin_mask,
+                latents,
+                out_u,
+                out_c,
+                guidance,
+                a_t,
+                a_s,
+                v_pred,
+                sigma=sigma or 0.0,
+                noise=noise,
+                offset=offset,
+                pin=pin,
+                pin_mask=pin_mask,
             )
             latents = controller.after_step(i, latents)
             if keep_trajectory:
@@ -186,7 +203,10 @@ def _gather_indices(layout: BatchLayout, B: int, device) -> tuple[torch.Tensor, 
         c = c if c is not None else (u if u is not None else 0)
         cond_idx.append(c)
         uncond_idx.append(u if u is not None else c)
-    return (torch.tensor(cond_idx, device=device, dtype=torch.long), torch.tensor(uncond_idx, device=device, dtype=torch.long))
+    return (
+        torch.tensor(cond_idx, device=device, dtype=torch.long),
+        torch.tensor(uncond_idx, device=device, dtype=torch.long),
+    )
 
 
 def _x0(out_u, out_c, guidance, latents, a_t, v_pred) -> torch.Tensor:

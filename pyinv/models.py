@@ -2,7 +2,8 @@
 
 A :class:`DiffusionModel` holds the UNet, the optional VAE (``None`` = pixel space), the
 text encoder and tokenizer, and the scheduler config. Latents are kept in float32 by the
-algorithms; the model casts to its own dtype at each call and returns float32.
+algorithms (float64 for a float64 model, used to check numerics); the model casts to its
+own dtype at each call and returns :attr:`DiffusionModel.latent_dtype`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ DTYPES = {
     "half": torch.float16,
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
+    "fp64": torch.float64,
+    "float64": torch.float64,
 }
 
 
@@ -34,7 +37,7 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise PyinvError(f"unsupported dtype {dtype}; use fp32, fp16 or bf16")
         return dtype
     try:
@@ -82,6 +85,11 @@ class DiffusionModel:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
     @property
+    def latent_dtype(self) -> torch.dtype:
+        """The dtype latents, embeddings and step math use: float32 (float64 for fp64 models)."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    @property
     def scale_factor(self) -> int:
         """Pixels per latent pixel (1 in pixel space)."""
         if self.vae is None:
@@ -112,7 +120,7 @@ class DiffusionModel:
             return_tensors="pt",
         ).input_ids.to(self.device)
         hidden = self.text_encoder(ids)[0]
-        return hidden.float()
+        return hidden.to(self.latent_dtype)
 
     @property
     def max_tokens(self) -> int:
@@ -130,9 +138,9 @@ class DiffusionModel:
         """``z = vae.encode(x).latent_dist.mean · scaling_factor`` (pixels as-is without a VAE)."""
         image = image.to(self.device)
         if self.vae is None:
-            return image.float()
+            return image.to(self.latent_dtype)
         dist = self.vae.encode(image.to(self.vae.dtype)).latent_dist
-        return dist.mean.float() * self.scaling_factor
+        return dist.mean.to(self.latent_dtype) * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -153,17 +161,17 @@ class DiffusionModel:
         embeddings → float32 model output ``(R, C, h, w)``. Counts calls and image-forwards."""
         self.unet_calls += 1
         self.unet_image_forwards += latents.shape[0]
-        out = self.unet(
-            latents.to(self.dtype), t, encoder_hidden_states=embeddings.to(self.dtype), return_dict=False
-        )[0]
-        return out.float()
+        out = self.unet(latents.to(self.dtype), t, encoder_hidden_states=embeddings.to(self.dtype), return_dict=False)[
+            0
+        ]
+        return out.to(self.latent_dtype)
 
     def fp32_unet(self) -> torch.nn.Module:
         """The UNet in float32 (a cached copy when the model runs in half precision).
 
         NTI and PTI optimise embeddings through the UNet; the reference runs that in fp32.
         """
-        if self.dtype == torch.float32:
+        if self.dtype in (torch.float32, torch.float64):
             return self.unet
         if self._fp32_unet is None:
             import copy
@@ -175,7 +183,9 @@ class DiffusionModel:
         """UNet call in fp32 with autograd enabled (for embedding optimisation)."""
         self.unet_calls += 1
         self.unet_image_forwards += latents.shape[0]
-        return self.fp32_unet()(latents.float(), t, encoder_hidden_states=embeddings.float(), return_dict=False)[0]
+        unet = self.fp32_unet()
+        dt = self.latent_dtype
+        return unet(latents.to(dt), t, encoder_hidden_states=embeddings.to(dt), return_dict=False)[0].to(dt)
 
     def reset_counters(self) -> None:
         self.unet_calls = 0
@@ -298,7 +308,7 @@ def _load_diffusers(name: str) -> dict[str, Any]:
         if has_vae:
             try:
                 vae = AutoencoderKL.from_pretrained(source, subfolder="vae")
-            except (OSError, EnvironmentError):
+            except OSError:
                 if not local:
                     vae = None
                 else:
@@ -308,6 +318,11 @@ def _load_diffusers(name: str) -> dict[str, Any]:
         raise
     except Exception as exc:  # noqa: BLE001 - every loader failure becomes one clear line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not local:
+            raise PyinvError(
+                f"cannot load model {name!r}: not a preset ({', '.join(PRESETS)}), a local folder, "
+                f"or a hub model that can be reached ({first})"
+            ) from exc
         raise PyinvError(f"cannot load model {name!r}: {first}") from exc
     return {
         "unet": unet,

@@ -6,6 +6,8 @@ from ..errors import PyinvError
 from .base import EditOutput, Method
 from .ddim import DDIMInversion
 from .direct import DirectInversion
+from .edict import EDICTInversion
+from .edit_friendly import EditFriendlyInversion
 from .negative_prompt import NegativePromptInversion
 from .null_text import NullTextInversion
 from .prompt_tuning import PromptTuningInversion
@@ -19,6 +21,8 @@ METHODS: dict[str, Method] = {
         NegativePromptInversion(),
         PromptTuningInversion(),
         DirectInversion(),
+        EditFriendlyInversion(),
+        EDICTInversion(),
     )
 }
 

@@ -40,28 +40,55 @@ class Method:
     summary: ClassVar[str] = ""
     default_steps: ClassVar[int] = 50
     default_guidance: ClassVar[float] = 7.5
+    #: the guidance ``invert`` gets when the user gives none (``None``: ``default_guidance``)
+    default_inversion_guidance: ClassVar[float | None] = None
     default_schedule: ClassVar[str] = "reference"
     needs_source_prompt: ClassVar[bool] = True
     invert_options: ClassVar[dict[str, Any]] = {}
     edit_options: ClassVar[dict[str, Any]] = {}
 
+    #: tensors an inversion of this method must hold (besides z0) for editing
+    tensors: ClassVar[tuple[str, ...]] = ()
+
+    def required_tensors(self, inv: Inversion) -> tuple[str, ...]:
+        return self.tensors
+
     # ------------------------------------------------------------------ API for subclasses
     def invert(
-        self, model, z0: torch.Tensor, source_prompt: str, steps: int, guidance: float,
-        schedule_mode: str, progress: bool, **options: Any,
+        self,
+        model,
+        z0: torch.Tensor,
+        source_prompt: str,
+        steps: int,
+        guidance: float,
+        schedule_mode: str,
+        progress: bool,
+        **options: Any,
     ) -> Inversion:
         raise NotImplementedError
 
     def program(
-        self, model, inv: Inversion, targets: Sequence[str], guidance: float, with_source: bool,
+        self,
+        model,
+        inv: Inversion,
+        targets: Sequence[str],
+        guidance: float,
+        with_source: bool,
         **options: Any,
     ) -> loop.EditProgram:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared driver
     def edit(
-        self, model, inv: Inversion, targets: Sequence[str], guidance: float,
-        controller: Controller | None, with_source: bool, progress: bool, **options: Any,
+        self,
+        model,
+        inv: Inversion,
+        targets: Sequence[str],
+        guidance: float,
+        controller: Controller | None,
+        with_source: bool,
+        progress: bool,
+        **options: Any,
     ) -> EditOutput:
         """Run the edit through the loop driver; branch 0 is the source when present."""
         needs_source = with_source or bool(controller and controller.reads_source)
@@ -79,8 +106,16 @@ class Method:
 
     # ------------------------------------------------------------------ helpers
     def make_record(
-        self, model, z0: torch.Tensor, source_prompt: str, schedule: Schedule, guidance: float,
-        tensors: dict[str, torch.Tensor], options: dict[str, Any], started: float, calls: tuple[int, int],
+        self,
+        model,
+        z0: torch.Tensor,
+        source_prompt: str,
+        schedule: Schedule,
+        guidance: float,
+        tensors: dict[str, torch.Tensor],
+        options: dict[str, Any],
+        started: float,
+        calls: tuple[int, int],
         schedule_mode: str,
     ) -> Inversion:
         meta = schedule.to_metadata()
@@ -93,7 +128,7 @@ class Method:
             guidance=float(guidance),
             schedule=meta,
             image_size=model.image_size,
-            tensors={"z0": z0.detach().float().cpu(), **{k: v.detach().float().cpu() for k, v in tensors.items()}},
+            tensors={k: v.detach().to("cpu", model.latent_dtype) for k, v in {"z0": z0, **tensors}.items()},
             options=options,
             stats={
                 "unet_calls": model.unet_calls - calls[0],
@@ -116,13 +151,15 @@ def counters(model) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def ddim_invert(model, z0: torch.Tensor, cond: torch.Tensor, schedule: Schedule, progress: bool = False) -> torch.Tensor:
+def ddim_invert(
+    model, z0: torch.Tensor, cond: torch.Tensor, schedule: Schedule, progress: bool = False
+) -> torch.Tensor:
     """DDIM inversion (the pivot): ``z*_0 = z0``; for t = 0, 20, …, 980 (ascending)
     ``ε = ε(z*_{prev(t)}, t, c)`` (conditional only, one UNet call) and the DDIM move from
     level prev(t) to t. Returns the trajectory ``(N+1, C, h, w)``: index 0 is ``z0``,
     index k the latent at ``timesteps[N−k]``.
     """
-    z = z0.to(model.device, torch.float32)
+    z = z0.to(model.device, model.latent_dtype)
     traj = [z]
     pred = schedule.prediction_type
     for t in tqdm(list(reversed(schedule.timesteps)), desc="DDIM inversion", disable=not progress, leave=False):

@@ -22,6 +22,7 @@ from .record import Inversion
 class DDIMInversion(Method):
     name = "ddim"
     summary = "DDIM inversion, then CFG sampling from z*_T"
+    tensors = ("trajectory",)
 
     def invert(self, model, z0, source_prompt, steps, guidance, schedule_mode, progress, **options):
         started, calls = time.perf_counter(), counters(model)

@@ -29,8 +29,9 @@ FORMS = ("pinned", "offsets")
 
 
 @torch.no_grad()
-def direct_offsets(model, traj: torch.Tensor, null: torch.Tensor, cond: torch.Tensor, schedule, guidance: float,
-                   progress: bool = False) -> torch.Tensor:
+def direct_offsets(
+    model, traj: torch.Tensor, null: torch.Tensor, cond: torch.Tensor, schedule, guidance: float, progress: bool = False
+) -> torch.Tensor:
     """The reference's offset pass: ``(N, C, h, w)``, row i for sampling step i."""
     n = schedule.num_steps
     offsets = []
@@ -48,6 +49,10 @@ class DirectInversion(Method):
     name = "direct"
     summary = "DDIM inversion; the source branch is pinned to the pivot, the target edits freely"
     invert_options = {"form": "pinned"}
+    tensors = ("trajectory",)
+
+    def required_tensors(self, inv: Inversion) -> tuple[str, ...]:
+        return ("trajectory", "offsets") if inv.options.get("form") == "offsets" else ("trajectory",)
 
     def invert(self, model, z0, source_prompt, steps, guidance, schedule_mode, progress, form="pinned", **options):
         if form not in FORMS:
@@ -59,8 +64,9 @@ class DirectInversion(Method):
         tensors = {"trajectory": traj}
         if form == "offsets":
             tensors["offsets"] = direct_offsets(model, traj, embed(model, [""]), cond, schedule, guidance, progress)
-        return self.make_record(model, z0, source_prompt, schedule, guidance, tensors, {"form": form}, started, calls,
-                                schedule_mode)
+        return self.make_record(
+            model, z0, source_prompt, schedule, guidance, tensors, {"form": form}, started, calls, schedule_mode
+        )
 
     def program(self, model, inv: Inversion, targets: Sequence[str], guidance: float, with_source: bool, **options):
         schedule = schedule_of(model, inv)

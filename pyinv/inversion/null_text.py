@@ -24,20 +24,49 @@ class NullTextInversion(Method):
     name = "null-text"
     summary = "DDIM pivot + per-step optimised null-text embeddings (fp32)"
     invert_options = {"inner_steps": 10, "epsilon": 1e-5}
+    tensors = ("trajectory", "null_embeddings")
 
-    def invert(self, model, z0, source_prompt, steps, guidance, schedule_mode, progress,
-               inner_steps: int = 10, epsilon: float = 1e-5, **options):
+    def invert(
+        self,
+        model,
+        z0,
+        source_prompt,
+        steps,
+        guidance,
+        schedule_mode,
+        progress,
+        inner_steps: int = 10,
+        epsilon: float = 1e-5,
+        **options,
+    ):
         started, calls = time.perf_counter(), counters(model)
         schedule = make_schedule(model.scheduler_config, steps, schedule_mode)
         cond = embed(model, [source_prompt])
         traj = ddim_invert(model, z0, cond, schedule, progress)
         nulls, first, last, iters = optimise_embeddings(
-            model, traj, embed(model, [""]), cond, schedule, guidance, "uncond",
-            inner_steps=inner_steps, epsilon=epsilon, progress=progress, desc="null-text optimisation",
+            model,
+            traj,
+            embed(model, [""]),
+            cond,
+            schedule,
+            guidance,
+            "uncond",
+            inner_steps=inner_steps,
+            epsilon=epsilon,
+            progress=progress,
+            desc="null-text optimisation",
         )
         inv = self.make_record(
-            model, z0, source_prompt, schedule, guidance, {"trajectory": traj, "null_embeddings": nulls},
-            {"inner_steps": inner_steps, "epsilon": epsilon}, started, calls, schedule_mode,
+            model,
+            z0,
+            source_prompt,
+            schedule,
+            guidance,
+            {"trajectory": traj, "null_embeddings": nulls},
+            {"inner_steps": inner_steps, "epsilon": epsilon},
+            started,
+            calls,
+            schedule_mode,
         )
         inv.stats.update(loss_first=first, loss_last=last, inner_iterations=iters)
         return inv

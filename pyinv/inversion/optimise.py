@@ -44,9 +44,9 @@ def optimise_embeddings(
     """See the module docstring. ``init``/``fixed``: ``(1, L, D)``; trajectory ``(N+1, C, h, w)``."""
     n = schedule.num_steps
     pred = schedule.prediction_type
-    traj = trajectory.to(model.device, torch.float32)
-    fixed = fixed.to(model.device, torch.float32)
-    current = init.to(model.device, torch.float32).detach().clone()
+    traj = trajectory.to(model.device, model.latent_dtype)
+    fixed = fixed.to(model.device, model.latent_dtype)
+    current = init.to(model.device, model.latent_dtype).detach().clone()
     z = traj[n : n + 1]
     results, first_losses, last_losses, iterations = [], [], [], []
     bar = tqdm(total=n * inner_steps, desc=desc, disable=not progress, leave=False)

@@ -27,11 +27,24 @@ class PromptTuningInversion(Method):
     name = "prompt-tuning"
     summary = "DDIM pivot + per-step optimised conditional embeddings, blended with the target"
     needs_source_prompt = False
+    tensors = ("trajectory", "cond_embeddings")
     invert_options = {"inner_steps": 10, "epsilon": 1e-5, "init_prompt": None}
     edit_options = {"eta": 0.8}
 
-    def invert(self, model, z0, source_prompt, steps, guidance, schedule_mode, progress,
-               inner_steps: int = 10, epsilon: float = 1e-5, init_prompt: str | None = None, **options):
+    def invert(
+        self,
+        model,
+        z0,
+        source_prompt,
+        steps,
+        guidance,
+        schedule_mode,
+        progress,
+        inner_steps: int = 10,
+        epsilon: float = 1e-5,
+        init_prompt: str | None = None,
+        **options,
+    ):
         init_text = source_prompt or init_prompt
         if not init_text:
             raise PyinvError("prompt-tuning inversion needs a source prompt or an init prompt (the target prompt)")
@@ -40,18 +53,43 @@ class PromptTuningInversion(Method):
         pivot = embed(model, [source_prompt])  # "" → the unconditional embedding (ω = 0)
         traj = ddim_invert(model, z0, pivot, schedule, progress)
         conds, first, last, iters = optimise_embeddings(
-            model, traj, embed(model, [init_text]), embed(model, [""]), schedule, guidance, "cond",
-            inner_steps=inner_steps, epsilon=epsilon, progress=progress, desc="prompt tuning",
+            model,
+            traj,
+            embed(model, [init_text]),
+            embed(model, [""]),
+            schedule,
+            guidance,
+            "cond",
+            inner_steps=inner_steps,
+            epsilon=epsilon,
+            progress=progress,
+            desc="prompt tuning",
         )
         inv = self.make_record(
-            model, z0, source_prompt, schedule, guidance, {"trajectory": traj, "cond_embeddings": conds},
-            {"inner_steps": inner_steps, "epsilon": epsilon, "init_prompt": init_text}, started, calls, schedule_mode,
+            model,
+            z0,
+            source_prompt,
+            schedule,
+            guidance,
+            {"trajectory": traj, "cond_embeddings": conds},
+            {"inner_steps": inner_steps, "epsilon": epsilon, "init_prompt": init_text},
+            started,
+            calls,
+            schedule_mode,
         )
         inv.stats.update(loss_first=first, loss_last=last, inner_iterations=iters)
         return inv
 
-    def program(self, model, inv: Inversion, targets: Sequence[str], guidance: float, with_source: bool,
-                eta: float = 0.8, **options):
+    def program(
+        self,
+        model,
+        inv: Inversion,
+        targets: Sequence[str],
+        guidance: float,
+        with_source: bool,
+        eta: float = 0.8,
+        **options,
+    ):
         if not 0.0 <= eta <= 1.0:
             raise PyinvError(f"prompt-tuning eta must be in [0, 1], got {eta}")
         schedule = schedule_of(model, inv)

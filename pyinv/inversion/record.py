@@ -113,28 +113,45 @@ class Inversion:
             raise PyinvError(f"inversion file has damaged metadata: {path}") from None
         if meta.get("format") != FORMAT_NAME:
             raise PyinvError(f"not a pyinv inversion file: {path}")
-        version = int(meta.get("format_version", 0))
+        try:
+            version = int(meta.get("format_version", 0))
+        except (TypeError, ValueError):
+            raise PyinvError(f"inversion file has a bad format version: {path}") from None
         if version > FORMAT_VERSION:
             raise PyinvError(
                 f"inversion file {path} has format version {version}, newer than this pyinv reads "
                 f"({FORMAT_VERSION}); upgrade pyinv"
             )
-        inv = cls(
-            method=meta["method"],
-            model=meta["model"],
-            source_prompt=meta["source_prompt"],
-            num_steps=int(meta["num_steps"]),
-            guidance=float(meta["guidance"]),
-            schedule=meta["schedule"],
-            image_size=int(meta["image_size"]),
-            tensors={k: v.to(device) for k, v in tensors.items()},
-            options=meta.get("options", {}),
-            stats=meta.get("stats", {}),
-            format_version=version,
-        )
+        try:
+            inv = cls(
+                method=str(meta["method"]),
+                model=dict(meta["model"]),
+                source_prompt=str(meta["source_prompt"]),
+                num_steps=int(meta["num_steps"]),
+                guidance=float(meta["guidance"]),
+                schedule=dict(meta["schedule"]),
+                image_size=int(meta["image_size"]),
+                tensors={k: v.to(device) for k, v in tensors.items()},
+                options=dict(meta.get("options", {})),
+                stats=dict(meta.get("stats", {})),
+                format_version=version,
+            )
+            _ = inv.schedule["timesteps"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PyinvError(f"inversion file has incomplete metadata ({exc}): {path}") from None
+        inv.check_tensors(path)
         if model is not None:
             inv.check_model(model)
         return inv
+
+    def check_tensors(self, label: str = "inversion") -> None:
+        """Raise a clear error when a tensor the method needs for editing is missing."""
+        from . import get_method
+
+        needed = ("z0", *get_method(self.method).required_tensors(self))
+        missing = [name for name in needed if name not in self.tensors]
+        if missing:
+            raise PyinvError(f"{label} lacks the tensor(s) {', '.join(missing)} that {self.method!r} edits need")
 
     def check_model(self, model) -> None:
         """Raise a clear error when this inversion was made with another model."""

@@ -12,7 +12,7 @@ For each batch row b (a branch), with UNet outputs ``u_b`` (unconditional) and `
 
 Shapes: latents, outputs, noise, offset and pin ``(B, C, H, W)``; guidance ``(B,)``;
 pin_mask ``(B,)`` bool. Math in fp32 whatever the input dtype; the result has the
-latents' dtype.
+latents' dtype (float64 inputs keep float64 math).
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ def guided_step_reference(
     pin_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch reference of the fused guided step (see the module docstring)."""
-    z = latents.float()
-    u, c = out_uncond.float(), out_cond.float()
-    w = guidance.float().view(-1, *([1] * (z.ndim - 1)))
+    dt = torch.promote_types(latents.dtype, torch.float32)  # fp32 math for half inputs
+    z = latents.to(dt)
+    u, c = out_uncond.to(dt), out_cond.to(dt)
+    w = guidance.to(dt).view(-1, *([1] * (z.ndim - 1)))
     m = u + w * (c - u)
     sa, sb = math.sqrt(alpha_t), math.sqrt(1.0 - alpha_t)
     if v_prediction:
@@ -51,10 +52,10 @@ def guided_step_reference(
     direction = math.sqrt(max(1.0 - alpha_s - sigma * sigma, 0.0))
     out = math.sqrt(alpha_s) * x0 + direction * eps
     if noise is not None and sigma > 0.0:
-        out = out + sigma * noise.float()
+        out = out + sigma * noise.to(dt)
     if offset is not None:
-        out = out + offset.float()
+        out = out + offset.to(dt)
     if pin is not None:
         mask = pin_mask.view(-1, *([1] * (z.ndim - 1))) if pin_mask is not None else torch.ones(1, dtype=torch.bool)
-        out = torch.where(mask.to(out.device), pin.float(), out)
+        out = torch.where(mask.to(out.device), pin.to(dt), out)
     return out.to(latents.dtype)

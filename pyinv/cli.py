@@ -1,0 +1,597 @@
+"""The ``pyinv`` command line: ``edit``, ``invert``, ``methods`` and ``info``.
+
+Every user mistake (bad arguments, unreadable image, unknown model or method, an
+inversion file from another model, an unwritable output, Ctrl-C) ends as exactly one line
+``pyinv: error: …`` on stderr and a non-zero exit status, never a traceback. Cheap checks
+(arguments, input image, output paths, inversion file) run before the model is loaded, and
+outputs are written atomically: a failed run leaves none of its files behind.
+
+Exit status: 0 success, 1 error, 2 usage error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from importlib import metadata
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .errors import PyinvError
+
+PROG = "pyinv"
+DEFAULT_MODEL = "tiny"
+DEFAULT_METHOD = "direct"
+SCHEDULES = ("reference", "checkpoint")
+FORMS = ("pinned", "offsets")
+
+#: Method options the command line exposes: API option name → flag.
+INVERT_FLAGS = {"form": "--form", "inner_steps": "--inner-steps"}
+EDIT_FLAGS = {"eta": "--eta", "skip": "--skip"}
+
+#: Arguments of ``pyinv edit`` that only make sense when an image is inverted in the same run.
+INVERT_ONLY = {
+    "source": "--source",
+    "method": "--method",
+    "steps": "--steps",
+    "schedule": "--schedule",
+    "form": "--form",
+    "inner_steps": "--inner-steps",
+    "save_inversion": "--save-inversion",
+    "inversion_guidance": "--inversion-guidance",
+}
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """A command-line usage mistake (reported like a :class:`PyinvError`, exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one-line exceptions instead of usage dumps."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# ---------------------------------------------------------------------- argument types
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer ≥ 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number ≥ 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {text!r}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+# ---------------------------------------------------------------------- parser
+def _method_names() -> str:
+    from .inversion import METHODS
+
+    return ", ".join(METHODS)
+
+
+def _add_model_args(p: argparse.ArgumentParser, model_help: str) -> None:
+    g = p.add_argument_group("model and runtime")
+    g.add_argument("--model", metavar="NAME_OR_PATH", help=model_help)
+    g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    g.add_argument("--dtype", help="fp32, fp16 or bf16 (default: fp32)")
+    g.add_argument("--seed", type=int, help="seed for random draws (for reproducible runs)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary line")
+
+
+def _add_invert_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inversion")
+    g.add_argument("--method", metavar="NAME",
+                   help=f"inversion method: {_method_names()} (default: {DEFAULT_METHOD}); see 'pyinv methods'")
+    g.add_argument("--steps", type=positive_int, metavar="N", help="inference steps (default: the method's)")
+    g.add_argument("--schedule", choices=SCHEDULES, help="timestep spacing (default: the method's)")
+    g.add_argument("--form", choices=FORMS, help="direct: pin the source branch (default) or use offsets")
+    g.add_argument("--inner-steps", type=positive_int, metavar="K",
+                   help="null-text / prompt-tuning: optimisation steps per timestep (default 10)")
+
+
+def _add_edit_option_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("editing")
+    g.add_argument("--eta", type=unit_float, help="prompt-tuning: weight of the target prompt, in [0, 1] (default 0.8)")
+    g.add_argument("--skip", type=non_negative_int, metavar="K",
+                   help="edit-friendly: sampling steps to skip at the start")
+
+
+EDIT_EPILOG = """\
+With several --target prompts all edits run as one batch and the outputs are named
+after --out with a number: --out dog.png --target A --target B writes dog-1.png and
+dog-2.png. The output format follows the extension (.png, .jpg, .webp, .bmp, .tif).
+
+examples:
+  pyinv edit cat.png --source "a photo of a cat" --target "a photo of a dog" --out dog.png
+  pyinv invert cat.png --source "a photo of a cat" --method null-text --out cat.safetensors
+  pyinv edit --inversion cat.safetensors --target "a photo of a fox" --out fox.png
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pyinv`` argument parser with its subcommands."""
+    from . import __version__
+
+    parser = _Parser(prog=PROG, description="Invert real images into text-to-image diffusion models and edit them "
+                                            "with text.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    edit = sub.add_parser("edit", help="invert an image (or load an inversion) and edit it with text",
+                          description="Edit an image with text: invert IMAGE described by --source, then sample "
+                                      "towards each --target; or edit a saved inversion (--inversion FILE).",
+                          epilog=EDIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    edit.add_argument("image", nargs="?", metavar="IMAGE", help="the image to edit (or give --inversion)")
+    edit.add_argument("--inversion", metavar="FILE", help="edit this saved inversion instead of an image")
+    edit.add_argument("--source", metavar="TEXT", help="prompt describing IMAGE (optional for prompt-tuning)")
+    edit.add_argument("--target", metavar="TEXT", action="append", required=True,
+                      help="prompt describing the edited image; repeat for several edits in one batch")
+    edit.add_argument("--guidance", type=non_negative_float, metavar="W",
+                      help="classifier-free guidance scale of the edit (default: the method's)")
+    edit.add_argument("--inversion-guidance", type=non_negative_float, metavar="W",
+                      help="guidance the inversion is made for (default: --guidance, or the method's own "
+                           "inversion guidance where it has one, e.g. edit-friendly's 3.5)")
+    edit.add_argument("--out", metavar="PATH", required=True, help="output image (numbered with several --target)")
+    edit.add_argument("--save-inversion", metavar="FILE", help="also write the inversion (safetensors)")
+    _add_invert_args(edit)
+    _add_edit_option_args(edit)
+    _add_model_args(edit, f"model preset, diffusers folder or hub id (default: {DEFAULT_MODEL}; "
+                          "with --inversion: the model the inversion was made with)")
+    edit.set_defaults(func=cmd_edit)
+
+    inv = sub.add_parser("invert", help="invert an image and save the inversion for later edits",
+                         description="Invert IMAGE described by --source and write the inversion (safetensors) "
+                                     "for 'pyinv edit --inversion'.")
+    inv.add_argument("image", metavar="IMAGE", help="the image to invert")
+    inv.add_argument("--source", metavar="TEXT", help="prompt describing IMAGE")
+    inv.add_argument("--guidance", type=non_negative_float, metavar="W",
+                     help="guidance the inversion is made for (default: the method's)")
+    inv.add_argument("--out", metavar="FILE", required=True, help="inversion file to write (.safetensors)")
+    _add_invert_args(inv)
+    _add_model_args(inv, f"model preset, diffusers folder or hub id (default: {DEFAULT_MODEL})")
+    inv.set_defaults(func=cmd_invert)
+
+    methods = sub.add_parser("methods", help="list the inversion methods", description="List the inversion methods.")
+    methods.set_defaults(func=cmd_methods)
+
+    info = sub.add_parser("info", help="show versions and hardware", description="Show versions and hardware.")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+# ---------------------------------------------------------------------- validation helpers
+def _prompt(text: str | None, flag: str) -> str | None:
+    """``text`` unchanged, or a clear error when it was given but is blank."""
+    if text is not None and not text.strip():
+        raise PyinvError(f"{flag} is empty")
+    return text
+
+
+def _methods_with(option: str, kind: str) -> str:
+    from .inversion import METHODS
+
+    names = [m.name for m in METHODS.values() if option in (m.invert_options if kind == "invert" else m.edit_options)]
+    return ", ".join(names) or "no registered method"
+
+
+def _options(args: argparse.Namespace, algo, flags: dict[str, str], kind: str) -> dict[str, Any]:
+    """The method options the user gave, checked against what ``algo`` accepts."""
+    accepted = algo.invert_options if kind == "invert" else algo.edit_options
+    options = {}
+    for name, flag in flags.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if name not in accepted:
+            raise PyinvError(f"{flag} does not apply to method {algo.name!r} (it applies to: "
+                             f"{_methods_with(name, kind)})")
+        options[name] = value
+    return options
+
+
+def _check_skip(algo, options: dict[str, Any], steps: int) -> None:
+    """Fail early when the edit would skip all of the inversion's steps."""
+    if "skip" not in algo.edit_options:
+        return
+    skip = options.get("skip", algo.edit_options["skip"])
+    if isinstance(skip, int) and skip >= steps:
+        given = "" if "skip" in options else f" (default {skip})"
+        raise PyinvError(f"--skip{given} must be smaller than the number of steps ({steps})")
+
+
+def _inversion_guidance(args: argparse.Namespace, algo) -> float | None:
+    """The guidance to invert with in ``pyinv edit IMAGE``: the one asked for, else the edit's
+    guidance, unless the method inverts at its own guidance (edit-friendly's cfg_src)."""
+    if args.inversion_guidance is not None:
+        return args.inversion_guidance
+    if getattr(algo, "default_inversion_guidance", None) is not None:
+        return None
+    return args.guidance
+
+
+def _read_image(path: str) -> Image.Image:
+    """The input image as RGB, or one clear error (read before any model is loaded)."""
+    from .imageio import MAX_PIXELS, load_image
+
+    try:
+        with warnings.catch_warnings():
+            # pyinv has its own size limit; Pillow's bomb warning would only add noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return load_image(path)
+    except Image.DecompressionBombError:
+        raise PyinvError(f"image is too large (over {MAX_PIXELS // 1_000_000} megapixels): {path}") from None
+
+
+def _load_inversion(path: str):
+    """Read an inversion file (without a model: a cheap check before loading one)."""
+    from .inversion import Inversion
+
+    try:
+        return Inversion.load(path)
+    except PyinvError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PyinvError(f"inversion file has damaged metadata: {path} ({type(exc).__name__}: {exc})") from None
+
+
+def _numbered(path: str, count: int) -> list[str]:
+    """``[path]``, or ``stem-1.ext … stem-N.ext`` for several outputs."""
+    if count == 1:
+        return [path]
+    stem, ext = os.path.splitext(path)
+    return [f"{stem}-{k}{ext}" for k in range(1, count + 1)]
+
+
+def _image_outputs(path: str, count: int) -> list[str]:
+    from .imageio import check_writable, image_format
+
+    image_format(path)
+    return [check_writable(p) for p in _numbered(path, count)]
+
+
+def _inversion_output(path: str, flag: str) -> str:
+    from .imageio import IMAGE_FORMATS, check_writable
+
+    if os.path.splitext(path)[1].lower() in IMAGE_FORMATS:
+        raise PyinvError(f"{flag} is an inversion file (.safetensors), not an image: {path}")
+    return check_writable(path)
+
+
+def _distinct(paths: Sequence[str]) -> None:
+    seen: set[str] = set()
+    for p in paths:
+        key = os.path.abspath(p)
+        if key in seen:
+            raise PyinvError(f"two outputs would be written to the same file: {p}")
+        seen.add(key)
+
+
+def _runtime(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    from .models import parse_device, parse_dtype
+
+    return parse_device(args.device), parse_dtype(args.dtype)
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Silence the libraries' own log messages and warnings (the command reports for itself)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
+
+
+def load_editor(model: str, device: torch.device, dtype: torch.dtype, progress: bool):
+    """Load the model (the one expensive setup step), without library chatter on stderr."""
+    from .api import Editor
+
+    with _quiet_libraries():
+        return Editor.from_pretrained(model, device=device, dtype=dtype, progress=progress)
+
+
+@contextlib.contextmanager
+def _all_or_nothing() -> Iterator[list[str]]:
+    """Collects the paths a command writes; if the command fails, removes them all."""
+    written: list[str] = []
+    try:
+        yield written
+    except BaseException:
+        for path in written:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        raise
+
+
+def _summary(args: argparse.Namespace, what: str, paths: Sequence[str], started: float, forwards: int) -> None:
+    if args.quiet:
+        return
+    seconds = time.perf_counter() - started
+    print(f"{PROG}: {what}: wrote {', '.join(paths)} in {seconds:.1f} s ({forwards} UNet image-forwards)",
+          file=sys.stderr)
+
+
+# ---------------------------------------------------------------------- commands
+def _invert(editor, image: Image.Image, args: argparse.Namespace, algo, source: str | None, guidance: float | None,
+            options: dict[str, Any]):
+    return editor.invert(image, source or "", method=algo.name, steps=args.steps, guidance=guidance,
+                         schedule=args.schedule, seed=args.seed, **options)
+
+
+def cmd_invert(args: argparse.Namespace) -> int:
+    """``pyinv invert``: write an inversion file."""
+    from .inversion import get_method
+
+    started = time.perf_counter()
+    algo = get_method(args.method or DEFAULT_METHOD)
+    source = _prompt(args.source, "--source")
+    options = _options(args, algo, INVERT_FLAGS, "invert")
+    if source is None:
+        if algo.needs_source_prompt:
+            raise PyinvError(f"method {algo.name!r} needs --source, a prompt describing the image")
+        if "init_prompt" in algo.invert_options:
+            raise PyinvError(f"method {algo.name!r} needs --source here ('pyinv edit' can start from the target "
+                             "prompt instead)")
+    device, dtype = _runtime(args)
+    out = _inversion_output(args.out, "--out")
+    image = _read_image(args.image)
+    editor = load_editor(args.model or DEFAULT_MODEL, device, dtype, progress=not args.quiet)
+    before = editor.model.unet_image_forwards
+    inv = _invert(editor, image, args, algo, source, args.guidance, options)
+    inv.save(out)
+    _summary(args, f"inverted with {algo.name} ({inv.num_steps} steps)", [out], started,
+             editor.model.unet_image_forwards - before)
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    """``pyinv edit``: invert and edit an image, or edit a saved inversion."""
+    if (args.image is None) == (args.inversion is None):
+        raise UsageError("give either IMAGE or --inversion FILE" + (", not both" if args.image else "")
+                         + " (see 'pyinv edit --help')")
+    targets = [_prompt(t, "--target") for t in args.target]
+    if args.inversion is not None:
+        return _edit_inversion(args, targets)
+    return _edit_image(args, targets)
+
+
+def _edit_image(args: argparse.Namespace, targets: list[str]) -> int:
+    from .inversion import get_method
+
+    started = time.perf_counter()
+    algo = get_method(args.method or DEFAULT_METHOD)
+    source = _prompt(args.source, "--source")
+    invert_options = _options(args, algo, INVERT_FLAGS, "invert")
+    edit_options = _options(args, algo, EDIT_FLAGS, "edit")
+    if source is None:
+        if algo.needs_source_prompt:
+            raise PyinvError(f"method {algo.name!r} needs --source, a prompt describing the image")
+        if "init_prompt" in algo.invert_options:
+            invert_options["init_prompt"] = targets[0]
+    _check_skip(algo, edit_options, args.steps or algo.default_steps)
+    device, dtype = _runtime(args)
+    outputs = _image_outputs(args.out, len(targets))
+    saved = _inversion_output(args.save_inversion, "--save-inversion") if args.save_inversion else None
+    _distinct(outputs + ([saved] if saved else []))
+    image = _read_image(args.image)
+    editor = load_editor(args.model or DEFAULT_MODEL, device, dtype, progress=not args.quiet)
+    before = editor.model.unet_image_forwards
+    inv = _invert(editor, image, args, algo, source, _inversion_guidance(args, algo), invert_options)
+    result = editor.edit(inv, targets, guidance=args.guidance, seed=args.seed, **edit_options)
+    written = _write(result.images, outputs, inv, saved)
+    _summary(args, f"edited with {algo.name} ({inv.num_steps} steps)", written, started,
+             editor.model.unet_image_forwards - before)
+    return 0
+
+
+def _edit_inversion(args: argparse.Namespace, targets: list[str]) -> int:
+    from .inversion import get_method
+
+    started = time.perf_counter()
+    given = [flag for name, flag in INVERT_ONLY.items() if getattr(args, name) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} cannot be used with --inversion (the inversion file fixes "
+                         "how the image was inverted)")
+    inv = _load_inversion(args.inversion)
+    algo = get_method(inv.method)
+    edit_options = _options(args, algo, EDIT_FLAGS, "edit")
+    _check_skip(algo, edit_options, inv.num_steps)
+    device, dtype = _runtime(args)
+    outputs = _image_outputs(args.out, len(targets))
+    _distinct(outputs)
+    model = args.model or inv.model.get("name") or DEFAULT_MODEL
+    editor = load_editor(model, device, dtype, progress=not args.quiet)
+    before = editor.model.unet_image_forwards
+    result = editor.edit(inv, targets, guidance=args.guidance, seed=args.seed, **edit_options)
+    written = _write(result.images, outputs, None, None)
+    _summary(args, f"edited {args.inversion} ({algo.name})", written, started,
+             editor.model.unet_image_forwards - before)
+    return 0
+
+
+def _write(images: Sequence[Image.Image], paths: Sequence[str], inv, inv_path: str | None) -> list[str]:
+    """Write every output (atomically each); on any failure none of them is left."""
+    from .imageio import save_image
+
+    with _all_or_nothing() as written:
+        for img, path in zip(images, paths, strict=True):
+            save_image(img, path)
+            written.append(path)
+        if inv is not None and inv_path is not None:
+            inv.save(inv_path)
+            written.append(inv_path)
+    return written
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """``pyinv methods``: one entry per registered method."""
+    from .inversion import ALIASES, METHODS
+
+    width = max(len(name) for name in METHODS) + 2
+    for name, m in METHODS.items():
+        print(f"{name:<{width}}{m.summary}")
+        guidance = f"guidance {m.default_guidance:g}"
+        inv_guidance = getattr(m, "default_inversion_guidance", None)
+        if inv_guidance is not None:
+            guidance += f" (inversion {inv_guidance:g})"
+        details = [f"{m.default_steps} steps, {guidance}, {m.default_schedule} schedule"]
+        flags = [INVERT_FLAGS[o] for o in m.invert_options if o in INVERT_FLAGS]
+        flags += [EDIT_FLAGS[o] for o in m.edit_options if o in EDIT_FLAGS]
+        if flags:
+            details.append("options " + " ".join(flags))
+        if not m.needs_source_prompt:
+            details.append("--source optional")
+        aliases = [a for a, target in ALIASES.items() if target == name]
+        if aliases:
+            details.append("aliases " + ", ".join(aliases))
+        print(f"{'':<{width}}{'; '.join(details)}")
+    return 0
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment() -> dict[str, Any]:
+    """Versions and hardware, as ``pyinv info`` reports them."""
+    from . import __version__
+
+    cuda = torch.cuda.is_available()
+    return {
+        "pyinv": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": _version("diffusers"),
+        "transformers": _version("transformers"),
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": cuda,
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """``pyinv info``: versions and whether CUDA is usable."""
+    env = environment()
+    if args.json:
+        print(json.dumps(env, indent=2))
+        return 0
+    width = max(len(k) for k in env) + 2
+    for key, value in env.items():
+        shown = (", ".join(value) or "none") if isinstance(value, list) else value
+        print(f"{key + ':':<{width}}{shown}")
+    return 0
+
+
+# ---------------------------------------------------------------------- entry point
+def _one_line(message: str) -> str:
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip()) or "unknown error"
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+    return status
+
+
+def _os_error(exc: OSError) -> str:
+    if exc.strerror and exc.filename:
+        return f"{exc.strerror}: {exc.filename}"
+    return str(exc) or type(exc).__name__
+
+
+def _exit_status(code: Any) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    return _fail(str(code), EXIT_ERROR)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the command; errors propagate (see :func:`main`)."""
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    return func(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``pyinv`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    try:
+        return run(argv)
+    except SystemExit as exc:  # --help / --version
+        return _exit_status(exc.code)
+    except UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except PyinvError as exc:
+        return _fail(str(exc), EXIT_ERROR)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except torch.cuda.OutOfMemoryError:
+        return _fail("out of GPU memory; try --dtype fp16, fewer --target prompts or a smaller model", EXIT_ERROR)
+    except OSError as exc:
+        return _fail(_os_error(exc), EXIT_ERROR)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
