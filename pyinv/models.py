@@ -202,7 +202,7 @@ class DiffusionModel:
         configs = {
             "unet": dict(self.unet.config),
             "vae": dict(self.vae.config) if self.vae is not None else None,
-            "text_encoder": self.text_encoder.config.to_dict(),
+            "text_encoder": {k: getattr(self.text_encoder.config, k, None) for k in TEXT_ENCODER_KEYS},
             "prediction_type": self.prediction_type,
         }
         blob = json.dumps(_jsonable(configs), sort_keys=True, default=str).encode()
@@ -212,6 +212,19 @@ class DiffusionModel:
             "config_sha256": hashlib.sha256(blob).hexdigest(),
             "weight_sample": weight,
         }
+
+
+#: text-encoder settings that define the architecture (saving a model adds bookkeeping keys)
+TEXT_ENCODER_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "hidden_act",
+    "projection_dim",
+)
 
 
 def _jsonable(obj: Any) -> Any:

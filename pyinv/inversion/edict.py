@@ -10,14 +10,16 @@ For the move t → s = prev(t), with ``a = √(ᾱ_s/ᾱ_t)`` and ``b = √(1−
 
 with mixing ``p`` (default 0.93) and ``ε̃`` the CFG prediction ``ε(∅) + w (ε(c) − ε(∅))``
 (v-prediction outputs are turned into ε at level ᾱ_t on the UNet's own input). With
-*leapfrog* (default) every other step swaps the roles: ``y`` moves first, using ``ε̃(x)``.
+*leapfrog* (default) every other step swaps the roles: ``y`` moves first, using ``ε̃(x)``
+(odd steps counted from the first step run; each inversion step mirrors the order of the
+denoising step it undoes, so any number of steps inverts exactly).
 The inversion step is the algebraic inverse: undo the mixes in reverse order
 (``y = (y' − (1−p) x')/p``, then ``x = (x' − (1−p) y)/p``), then the affine updates in
 reverse order (``y = (y_inter − b ε̃(x_inter))/a``, then ``x = (x_inter − b ε̃(y))/a``).
 The UNet sees the same inputs in both directions, so sampling the inverted pair back
 with the source prompt and the same guidance returns ``z0`` up to float rounding
-(≈1e-6–1e-5 relative in float32, ≈1e-15 with a float64 model; the reference runs in
-float64). Half-precision UNets round their inputs, which breaks the exactness sooner.
+(relative error ≈1e-6–1e-5 in float32, ≈1e-15 with a float64 model, a few 1e-4 with a
+fp16/bf16 UNet, which rounds its inputs; the reference runs in float64).
 
 ``strength`` s (default 0.8) runs only the last ``⌊N·s⌋`` steps of the N-step schedule:
 the image is inverted to level ``timesteps[N − ⌊N·s⌋]`` and edited from there (the
@@ -133,7 +135,7 @@ class Coupled:
         y = (y - (1.0 - self.p) * x) / self.p
         x = (x - (1.0 - self.p) * y) / self.p
         pair = [x, y]
-        k = 1 if self.y_first(i) else 0
+        k = 1 if (self.leapfrog and (self.schedule.num_steps - 1 - i) % 2 == 1) else 0
         for moved in (1 - k, k):
             pair[moved] = (pair[moved] - b * self.eps(pair[1 - moved], t, a_t)) / a
         return pair[0], pair[1]
@@ -156,9 +158,12 @@ class EDICTInversion(Method):
     default_guidance = 3.0
     invert_options = {"mixing": 0.93, "leapfrog": True, "strength": 0.8}
 
-    def invert(self, model, z0, source_prompt, steps, guidance, schedule_mode, progress, mixing=0.93,
-               leapfrog=True, strength=0.8, **options) -> Inversion:
+    def invert(self, model, z0: torch.Tensor, source_prompt: str, steps: int, guidance: float, schedule_mode: str,
+               progress: bool, mixing: float = 0.93, leapfrog: bool = True, strength: float = 0.8,
+               **options: Any) -> Inversion:
         """Invert ``z0 (1, C, h, w)`` with ``c_src`` at guidance w; stores ``edict_x``, ``edict_y``."""
+        if options:
+            raise PyinvError(f"method 'edict' has no inversion option(s) {', '.join(sorted(options))}")
         mixing, leapfrog, strength = check_options(mixing, leapfrog, strength)
         started, calls = time.perf_counter(), counters(model)
         schedule = make_schedule(model.scheduler_config, steps, schedule_mode)
@@ -182,6 +187,8 @@ class EDICTInversion(Method):
         it is the exact reconstruction. Output latents are each branch's ``x``.
         """
         check_controller(controller)
+        if options:
+            raise PyinvError(f"method 'edict' has no edit option(s) {', '.join(sorted(options))}")
         mixing, leapfrog, strength = check_options(
             inv.options.get("mixing", 0.93), inv.options.get("leapfrog", True), inv.options.get("strength", 0.8)
         )
