@@ -130,20 +130,28 @@ def _add_model_args(p: argparse.ArgumentParser, model_help: str) -> None:
 
 def _add_invert_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inversion")
-    g.add_argument("--method", metavar="NAME",
-                   help=f"inversion method: {_method_names()} (default: {DEFAULT_METHOD}); see 'pyinv methods'")
+    g.add_argument(
+        "--method",
+        metavar="NAME",
+        help=f"inversion method: {_method_names()} (default: {DEFAULT_METHOD}); see 'pyinv methods'",
+    )
     g.add_argument("--steps", type=positive_int, metavar="N", help="inference steps (default: the method's)")
     g.add_argument("--schedule", choices=SCHEDULES, help="timestep spacing (default: the method's)")
     g.add_argument("--form", choices=FORMS, help="direct: pin the source branch (default) or use offsets")
-    g.add_argument("--inner-steps", type=positive_int, metavar="K",
-                   help="null-text / prompt-tuning: optimisation steps per timestep (default 10)")
+    g.add_argument(
+        "--inner-steps",
+        type=positive_int,
+        metavar="K",
+        help="null-text / prompt-tuning: optimisation steps per timestep (default 10)",
+    )
 
 
 def _add_edit_option_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("editing")
     g.add_argument("--eta", type=unit_float, help="prompt-tuning: weight of the target prompt, in [0, 1] (default 0.8)")
-    g.add_argument("--skip", type=non_negative_int, metavar="K",
-                   help="edit-friendly: sampling steps to skip at the start")
+    g.add_argument(
+        "--skip", type=non_negative_int, metavar="K", help="edit-friendly: sampling steps to skip at the start"
+    )
 
 
 EDIT_EPILOG = """\
@@ -162,40 +170,68 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``pyinv`` argument parser with its subcommands."""
     from . import __version__
 
-    parser = _Parser(prog=PROG, description="Invert real images into text-to-image diffusion models and edit them "
-                                            "with text.")
+    parser = _Parser(
+        prog=PROG, description="Invert real images into text-to-image diffusion models and edit them with text."
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    edit = sub.add_parser("edit", help="invert an image (or load an inversion) and edit it with text",
-                          description="Edit an image with text: invert IMAGE described by --source, then sample "
-                                      "towards each --target; or edit a saved inversion (--inversion FILE).",
-                          epilog=EDIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    edit = sub.add_parser(
+        "edit",
+        help="invert an image (or load an inversion) and edit it with text",
+        description="Edit an image with text: invert IMAGE described by --source, then sample "
+        "towards each --target; or edit a saved inversion (--inversion FILE).",
+        epilog=EDIT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     edit.add_argument("image", nargs="?", metavar="IMAGE", help="the image to edit (or give --inversion)")
     edit.add_argument("--inversion", metavar="FILE", help="edit this saved inversion instead of an image")
     edit.add_argument("--source", metavar="TEXT", help="prompt describing IMAGE (optional for prompt-tuning)")
-    edit.add_argument("--target", metavar="TEXT", action="append", required=True,
-                      help="prompt describing the edited image; repeat for several edits in one batch")
-    edit.add_argument("--guidance", type=non_negative_float, metavar="W",
-                      help="classifier-free guidance scale of the edit (default: the method's)")
-    edit.add_argument("--inversion-guidance", type=non_negative_float, metavar="W",
-                      help="guidance the inversion is made for (default: --guidance, or the method's own "
-                           "inversion guidance where it has one, e.g. edit-friendly's 3.5)")
+    edit.add_argument(
+        "--target",
+        metavar="TEXT",
+        action="append",
+        required=True,
+        help="prompt describing the edited image; repeat for several edits in one batch",
+    )
+    edit.add_argument(
+        "--guidance",
+        type=non_negative_float,
+        metavar="W",
+        help="classifier-free guidance scale of the edit (default: the method's)",
+    )
+    edit.add_argument(
+        "--inversion-guidance",
+        type=non_negative_float,
+        metavar="W",
+        help="guidance the inversion is made for (default: --guidance, or the method's own "
+        "inversion guidance where it has one, e.g. edit-friendly's 3.5)",
+    )
     edit.add_argument("--out", metavar="PATH", required=True, help="output image (numbered with several --target)")
     edit.add_argument("--save-inversion", metavar="FILE", help="also write the inversion (safetensors)")
     _add_invert_args(edit)
     _add_edit_option_args(edit)
-    _add_model_args(edit, f"model preset, diffusers folder or hub id (default: {DEFAULT_MODEL}; "
-                          "with --inversion: the model the inversion was made with)")
+    _add_model_args(
+        edit,
+        f"model preset, diffusers folder or hub id (default: {DEFAULT_MODEL}; "
+        "with --inversion: the model the inversion was made with)",
+    )
     edit.set_defaults(func=cmd_edit)
 
-    inv = sub.add_parser("invert", help="invert an image and save the inversion for later edits",
-                         description="Invert IMAGE described by --source and write the inversion (safetensors) "
-                                     "for 'pyinv edit --inversion'.")
+    inv = sub.add_parser(
+        "invert",
+        help="invert an image and save the inversion for later edits",
+        description="Invert IMAGE described by --source and write the inversion (safetensors) "
+        "for 'pyinv edit --inversion'.",
+    )
     inv.add_argument("image", metavar="IMAGE", help="the image to invert")
     inv.add_argument("--source", metavar="TEXT", help="prompt describing IMAGE")
-    inv.add_argument("--guidance", type=non_negative_float, metavar="W",
-                     help="guidance the inversion is made for (default: the method's)")
+    inv.add_argument(
+        "--guidance",
+        type=non_negative_float,
+        metavar="W",
+        help="guidance the inversion is made for (default: the method's)",
+    )
     inv.add_argument("--out", metavar="FILE", required=True, help="inversion file to write (.safetensors)")
     _add_invert_args(inv)
     _add_model_args(inv, f"model preset, diffusers folder or hub id (default: {DEFAULT_MODEL})")
@@ -234,8 +270,9 @@ def _options(args: argparse.Namespace, algo, flags: dict[str, str], kind: str) -
         if value is None:
             continue
         if name not in accepted:
-            raise PyinvError(f"{flag} does not apply to method {algo.name!r} (it applies to: "
-                             f"{_methods_with(name, kind)})")
+            raise PyinvError(
+                f"{flag} does not apply to method {algo.name!r} (it applies to: {_methods_with(name, kind)})"
+            )
         options[name] = value
     return options
 
@@ -366,15 +403,31 @@ def _summary(args: argparse.Namespace, what: str, paths: Sequence[str], started:
     if args.quiet:
         return
     seconds = time.perf_counter() - started
-    print(f"{PROG}: {what}: wrote {', '.join(paths)} in {seconds:.1f} s ({forwards} UNet image-forwards)",
-          file=sys.stderr)
+    print(
+        f"{PROG}: {what}: wrote {', '.join(paths)} in {seconds:.1f} s ({forwards} UNet image-forwards)", file=sys.stderr
+    )
 
 
 # ---------------------------------------------------------------------- commands
-def _invert(editor, image: Image.Image, args: argparse.Namespace, algo, source: str | None, guidance: float | None,
-            options: dict[str, Any]):
-    return editor.invert(image, source or "", method=algo.name, steps=args.steps, guidance=guidance,
-                         schedule=args.schedule, seed=args.seed, **options)
+def _invert(
+    editor,
+    image: Image.Image,
+    args: argparse.Namespace,
+    algo,
+    source: str | None,
+    guidance: float | None,
+    options: dict[str, Any],
+):
+    return editor.invert(
+        image,
+        source or "",
+        method=algo.name,
+        steps=args.steps,
+        guidance=guidance,
+        schedule=args.schedule,
+        seed=args.seed,
+        **options,
+    )
 
 
 def cmd_invert(args: argparse.Namespace) -> int:
@@ -389,8 +442,9 @@ def cmd_invert(args: argparse.Namespace) -> int:
         if algo.needs_source_prompt:
             raise PyinvError(f"method {algo.name!r} needs --source, a prompt describing the image")
         if "init_prompt" in algo.invert_options:
-            raise PyinvError(f"method {algo.name!r} needs --source here ('pyinv edit' can start from the target "
-                             "prompt instead)")
+            raise PyinvError(
+                f"method {algo.name!r} needs --source here ('pyinv edit' can start from the target prompt instead)"
+            )
     device, dtype = _runtime(args)
     out = _inversion_output(args.out, "--out")
     image = _read_image(args.image)
@@ -398,16 +452,24 @@ def cmd_invert(args: argparse.Namespace) -> int:
     before = editor.model.unet_image_forwards
     inv = _invert(editor, image, args, algo, source, args.guidance, options)
     inv.save(out)
-    _summary(args, f"inverted with {algo.name} ({inv.num_steps} steps)", [out], started,
-             editor.model.unet_image_forwards - before)
+    _summary(
+        args,
+        f"inverted with {algo.name} ({inv.num_steps} steps)",
+        [out],
+        started,
+        editor.model.unet_image_forwards - before,
+    )
     return 0
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
     """``pyinv edit``: invert and edit an image, or edit a saved inversion."""
     if (args.image is None) == (args.inversion is None):
-        raise UsageError("give either IMAGE or --inversion FILE" + (", not both" if args.image else "")
-                         + " (see 'pyinv edit --help')")
+        raise UsageError(
+            "give either IMAGE or --inversion FILE"
+            + (", not both" if args.image else "")
+            + " (see 'pyinv edit --help')"
+        )
     targets = [_prompt(t, "--target") for t in args.target]
     if args.inversion is not None:
         return _edit_inversion(args, targets)
@@ -438,8 +500,13 @@ def _edit_image(args: argparse.Namespace, targets: list[str]) -> int:
     inv = _invert(editor, image, args, algo, source, _inversion_guidance(args, algo), invert_options)
     result = editor.edit(inv, targets, guidance=args.guidance, seed=args.seed, **edit_options)
     written = _write(result.images, outputs, inv, saved)
-    _summary(args, f"edited with {algo.name} ({inv.num_steps} steps)", written, started,
-             editor.model.unet_image_forwards - before)
+    _summary(
+        args,
+        f"edited with {algo.name} ({inv.num_steps} steps)",
+        written,
+        started,
+        editor.model.unet_image_forwards - before,
+    )
     return 0
 
 
@@ -449,8 +516,9 @@ def _edit_inversion(args: argparse.Namespace, targets: list[str]) -> int:
     started = time.perf_counter()
     given = [flag for name, flag in INVERT_ONLY.items() if getattr(args, name) is not None]
     if given:
-        raise UsageError(f"{', '.join(given)} cannot be used with --inversion (the inversion file fixes "
-                         "how the image was inverted)")
+        raise UsageError(
+            f"{', '.join(given)} cannot be used with --inversion (the inversion file fixes how the image was inverted)"
+        )
     inv = _load_inversion(args.inversion)
     algo = get_method(inv.method)
     edit_options = _options(args, algo, EDIT_FLAGS, "edit")
@@ -463,8 +531,9 @@ def _edit_inversion(args: argparse.Namespace, targets: list[str]) -> int:
     before = editor.model.unet_image_forwards
     result = editor.edit(inv, targets, guidance=args.guidance, seed=args.seed, **edit_options)
     written = _write(result.images, outputs, None, None)
-    _summary(args, f"edited {args.inversion} ({algo.name})", written, started,
-             editor.model.unet_image_forwards - before)
+    _summary(
+        args, f"edited {args.inversion} ({algo.name})", written, started, editor.model.unet_image_forwards - before
+    )
     return 0
 
 

@@ -62,10 +62,22 @@ def images(tmp_path_factory) -> dict[str, str]:
     """Input files: good images in several modes and broken ones."""
     folder = tmp_path_factory.mktemp("images")
     rgb = make_test_image(48)
-    paths = {name: str(folder / name) for name in (
-        "rgb.png", "grey.png", "rgba.png", "grey16.png", "cmyk.jpg", "palette.png",
-        "tiny.png", "huge.png", "empty.png", "truncated.png", "text.png",
-    )}
+    paths = {
+        name: str(folder / name)
+        for name in (
+            "rgb.png",
+            "grey.png",
+            "rgba.png",
+            "grey16.png",
+            "cmyk.jpg",
+            "palette.png",
+            "tiny.png",
+            "huge.png",
+            "empty.png",
+            "truncated.png",
+            "text.png",
+        )
+    }
     rgb.save(paths["rgb.png"])
     rgb.convert("L").save(paths["grey.png"])
     rgba = rgb.convert("RGBA")
@@ -101,7 +113,7 @@ def assert_one_line_error(status: int, capsys, *must_not_exist: str | Path) -> s
     assert "Traceback" not in err
     lines = err.splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith("pyinv: error: ") and lines[0][len("pyinv: error: "):].strip(), err
+    assert lines[0].startswith("pyinv: error: ") and lines[0][len("pyinv: error: ") :].strip(), err
     assert out == ""
     for path in must_not_exist:
         assert not os.path.exists(path), path
@@ -115,8 +127,10 @@ def no_temp_files(folder: Path) -> bool:
 # ---------------------------------------------------------------------- successful runs
 def test_edit_writes_png_of_model_size(images, tmp_path, capsys):
     out = tmp_path / "out.png"
-    assert cli.main(["edit", images["rgb.png"], "--source", SRC, "--target", TGT, *FAST, "--seed", "0",
-                     "--out", str(out)]) == 0
+    assert (
+        cli.main(["edit", images["rgb.png"], "--source", SRC, "--target", TGT, *FAST, "--seed", "0", "--out", str(out)])
+        == 0
+    )
     with Image.open(out) as img:
         assert img.format == "PNG" and img.mode == "RGB" and img.size == (32, 32)
     summary = capsys.readouterr().err.strip().splitlines()[-1]
@@ -126,8 +140,24 @@ def test_edit_writes_png_of_model_size(images, tmp_path, capsys):
 
 def test_several_targets_write_numbered_files_and_inversion(images, tmp_path, capsys):
     out, inv = tmp_path / "edit.jpg", tmp_path / "inv.safetensors"
-    argv = ["edit", images["rgb.png"], "--source", SRC, "--target", TGT, "--target", "a photo of a green tree",
-            "--method", "ddim", *FAST, "--save-inversion", str(inv), "--out", str(out), "-q"]
+    argv = [
+        "edit",
+        images["rgb.png"],
+        "--source",
+        SRC,
+        "--target",
+        TGT,
+        "--target",
+        "a photo of a green tree",
+        "--method",
+        "ddim",
+        *FAST,
+        "--save-inversion",
+        str(inv),
+        "--out",
+        str(out),
+        "-q",
+    ]
     assert cli.main(argv) == 0
     assert capsys.readouterr().err == ""
     assert not out.exists()
@@ -140,8 +170,22 @@ def test_several_targets_write_numbered_files_and_inversion(images, tmp_path, ca
 
 def test_invert_then_edit_inversion(inversion_file, tmp_path, capsys):
     out = tmp_path / "fox.png"
-    assert cli.main(["edit", "--inversion", inversion_file, "--target", "a photo of a fox", "--guidance", "5",
-                     "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "edit",
+                "--inversion",
+                inversion_file,
+                "--target",
+                "a photo of a fox",
+                "--guidance",
+                "5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     with Image.open(out) as img:
         assert img.size == (32, 32)
     assert "pyinv: edited" in capsys.readouterr().err
@@ -150,24 +194,69 @@ def test_invert_then_edit_inversion(inversion_file, tmp_path, capsys):
 @pytest.mark.parametrize("name", ["grey.png", "rgba.png", "grey16.png", "cmyk.jpg", "palette.png"])
 def test_other_image_modes_are_converted(images, name, tmp_path):
     out = tmp_path / "out.png"
-    assert cli.main(["edit", images[name], "--source", SRC, "--target", TGT, "--method", "ddim", *FAST,
-                     "--out", str(out), "-q"]) == 0
+    assert (
+        cli.main(
+            ["edit", images[name], "--source", SRC, "--target", TGT, "--method", "ddim", *FAST, "--out", str(out), "-q"]
+        )
+        == 0
+    )
     with Image.open(out) as img:
         assert img.size == (32, 32)
 
 
 def test_prompt_tuning_without_source_uses_target(images, tmp_path):
     out = tmp_path / "out.png"
-    assert cli.main(["edit", images["rgb.png"], "--target", TGT, "--method", "pti", *FAST, "--inner-steps", "1",
-                     "--eta", "0.5", "--out", str(out), "-q"]) == 0
+    assert (
+        cli.main(
+            [
+                "edit",
+                images["rgb.png"],
+                "--target",
+                TGT,
+                "--method",
+                "pti",
+                *FAST,
+                "--inner-steps",
+                "1",
+                "--eta",
+                "0.5",
+                "--out",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert out.exists()
 
 
 @pytest.mark.skipif("edit-friendly" not in METHODS, reason="edit-friendly is not registered")
 def test_edit_friendly_with_skip(images, tmp_path):
     out = tmp_path / "out.png"
-    assert cli.main(["edit", images["rgb.png"], "--source", SRC, "--target", TGT, "--method", "edit-friendly",
-                     "--steps", "3", "--skip", "1", "--seed", "1", "--out", str(out), "-q"]) == 0
+    assert (
+        cli.main(
+            [
+                "edit",
+                images["rgb.png"],
+                "--source",
+                SRC,
+                "--target",
+                TGT,
+                "--method",
+                "edit-friendly",
+                "--steps",
+                "3",
+                "--skip",
+                "1",
+                "--seed",
+                "1",
+                "--out",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert out.exists()
 
 
@@ -197,8 +286,18 @@ Argv = Callable[[dict[str, str], Path], list[str]]
 
 
 def _edit(image: str, *extra: str) -> Argv:
-    return lambda imgs, tmp: ["edit", imgs.get(image, str(tmp / image)), "--source", SRC, "--target", TGT,
-                              *FAST, "--out", str(tmp / "out.png"), *extra]
+    return lambda imgs, tmp: [
+        "edit",
+        imgs.get(image, str(tmp / image)),
+        "--source",
+        SRC,
+        "--target",
+        TGT,
+        *FAST,
+        "--out",
+        str(tmp / "out.png"),
+        *extra,
+    ]
 
 
 ERRORS: dict[str, tuple[Argv, str]] = {
@@ -221,26 +320,66 @@ ERRORS: dict[str, tuple[Argv, str]] = {
     "eta out of range": (_edit("rgb.png", "--method", "prompt-tuning", "--eta", "2"), "--eta"),
     "bad dtype": (_edit("rgb.png", "--dtype", "fp8"), "dtype"),
     "bad device": (_edit("rgb.png", "--device", "warp-drive"), "device"),
-    "bad output type": (lambda imgs, tmp: _edit("rgb.png")(imgs, tmp)[:-2] + ["--out", str(tmp / "out.gif")],
-                        "unsupported output"),
-    "output folder missing": (lambda imgs, tmp: _edit("rgb.png")(imgs, tmp) + ["--out", str(tmp / "no/out.png")],
-                              "does not exist"),
-    "empty source": (lambda imgs, tmp: ["edit", imgs["rgb.png"], "--source", " ", "--target", TGT,
-                                        "--out", str(tmp / "out.png")], "--source is empty"),
-    "empty source, prompt-tuning": (lambda imgs, tmp: ["edit", imgs["rgb.png"], "--source", "", "--target", TGT,
-                                                       "--method", "pti", "--out", str(tmp / "out.png")], "empty"),
-    "empty target": (lambda imgs, tmp: ["edit", imgs["rgb.png"], "--source", SRC, "--target", TGT, "--target", "",
-                                        "--out", str(tmp / "out.png")], "--target is empty"),
-    "no source": (lambda imgs, tmp: ["edit", imgs["rgb.png"], "--target", TGT, "--out", str(tmp / "out.png")],
-                  "--source"),
-    "no target": (lambda imgs, tmp: ["edit", imgs["rgb.png"], "--source", SRC, "--out", str(tmp / "out.png")],
-                  "--target"),
+    "bad output type": (
+        lambda imgs, tmp: _edit("rgb.png")(imgs, tmp)[:-2] + ["--out", str(tmp / "out.gif")],
+        "unsupported output",
+    ),
+    "output folder missing": (
+        lambda imgs, tmp: _edit("rgb.png")(imgs, tmp) + ["--out", str(tmp / "no/out.png")],
+        "does not exist",
+    ),
+    "empty source": (
+        lambda imgs, tmp: ["edit", imgs["rgb.png"], "--source", " ", "--target", TGT, "--out", str(tmp / "out.png")],
+        "--source is empty",
+    ),
+    "empty source, prompt-tuning": (
+        lambda imgs, tmp: [
+            "edit",
+            imgs["rgb.png"],
+            "--source",
+            "",
+            "--target",
+            TGT,
+            "--method",
+            "pti",
+            "--out",
+            str(tmp / "out.png"),
+        ],
+        "empty",
+    ),
+    "empty target": (
+        lambda imgs, tmp: [
+            "edit",
+            imgs["rgb.png"],
+            "--source",
+            SRC,
+            "--target",
+            TGT,
+            "--target",
+            "",
+            "--out",
+            str(tmp / "out.png"),
+        ],
+        "--target is empty",
+    ),
+    "no source": (
+        lambda imgs, tmp: ["edit", imgs["rgb.png"], "--target", TGT, "--out", str(tmp / "out.png")],
+        "--source",
+    ),
+    "no target": (
+        lambda imgs, tmp: ["edit", imgs["rgb.png"], "--source", SRC, "--out", str(tmp / "out.png")],
+        "--target",
+    ),
     "no image": (lambda imgs, tmp: ["edit", "--target", TGT, "--out", str(tmp / "out.png")], "IMAGE"),
     "unknown command": (lambda imgs, tmp: ["paint"], "invalid choice"),
-    "invert to an image file": (lambda imgs, tmp: ["invert", imgs["rgb.png"], "--source", SRC,
-                                                   "--out", str(tmp / "out.png")], "not an image"),
-    "invert without source": (lambda imgs, tmp: ["invert", imgs["rgb.png"], "--out", str(tmp / "out.png.st")],
-                              "--source"),
+    "invert to an image file": (
+        lambda imgs, tmp: ["invert", imgs["rgb.png"], "--source", SRC, "--out", str(tmp / "out.png")],
+        "not an image",
+    ),
+    "invert without source": (
+        lambda imgs, tmp: ["invert", imgs["rgb.png"], "--out", str(tmp / "out.png.st")],
+        "--source",
+    ),
 }
 
 
@@ -287,8 +426,10 @@ def test_corrupted_inversion_file(damage, inversion_file, tmp_path, capsys):
     assert "inversion file" in assert_one_line_error(status, capsys, out)
 
 
-@pytest.mark.parametrize("meta", [None, {"format": "pyinv.inversion", "format_version": 1},
-                                  {"format": "pyinv.inversion", "format_version": "one"}])
+@pytest.mark.parametrize(
+    "meta",
+    [None, {"format": "pyinv.inversion", "format_version": 1}, {"format": "pyinv.inversion", "format_version": "one"}],
+)
 def test_inversion_file_with_bad_metadata(meta, tmp_path, capsys):
     from safetensors.torch import save_file
 
@@ -320,8 +461,24 @@ def test_failed_write_removes_earlier_outputs(images, tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(pyinv.imageio, "save_image", flaky_save)
     out = tmp_path / "out.png"
-    status = cli.main(["edit", images["rgb.png"], "--source", SRC, "--target", TGT, "--target", "a photo of a cat",
-                       "--method", "ddim", *FAST, "--out", str(out), "-q"])
+    status = cli.main(
+        [
+            "edit",
+            images["rgb.png"],
+            "--source",
+            SRC,
+            "--target",
+            TGT,
+            "--target",
+            "a photo of a cat",
+            "--method",
+            "ddim",
+            *FAST,
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
     line = assert_one_line_error(status, capsys, tmp_path / "out-1.png", tmp_path / "out-2.png")
     assert "No space left on device" in line and len(calls) == 2
     assert list(tmp_path.iterdir()) == []
@@ -341,8 +498,9 @@ def test_interrupt_is_one_line(images, tmp_path, capsys, monkeypatch):
 # ---------------------------------------------------------------------- the real entry point
 def test_console_entry_point_has_no_traceback(images, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = lambda *argv: subprocess.run([sys.executable, "-m", "pyinv", *argv], capture_output=True, text=True,
-                                       env=env, timeout=120)
+    run = lambda *argv: subprocess.run(
+        [sys.executable, "-m", "pyinv", *argv], capture_output=True, text=True, env=env, timeout=120
+    )
     bad = run("edit", images["empty.png"], "--source", SRC, "--target", TGT, "--out", str(tmp_path / "out.png"))
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr.splitlines() == [f"pyinv: error: image file is empty: {images['empty.png']}"]

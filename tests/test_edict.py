@@ -68,8 +68,9 @@ def test_exact_where_ddim_drifts(editor, image):
     [(7.5, True, 0.8), (3.0, False, 0.8), (3.0, True, 0.9)],  # 0.9 of 10: an odd number of steps
 )
 def test_exact_for_guidance_leapfrog_and_step_parity(editor, image, guidance, leapfrog, strength):
-    inv = editor.invert(image, PROMPT, method="edict", steps=10, guidance=guidance, leapfrog=leapfrog,
-                        strength=strength)
+    inv = editor.invert(
+        image, PROMPT, method="edict", steps=10, guidance=guidance, leapfrog=leapfrog, strength=strength
+    )
     out = editor.edit(inv, PROMPT, guidance=guidance)
     assert rel(out.latents, inv.z0) < 1e-4
 

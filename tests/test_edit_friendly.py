@@ -11,7 +11,7 @@ import torch
 import pyinv
 from pyinv.errors import PyinvError
 from pyinv.inversion import METHODS, get_method
-from pyinv.inversion.edit_friendly import ColorEdit, EditFriendlyInversion
+from pyinv.inversion.edit_friendly import ColorEdit, EditFriendlyInversion, default_skip
 
 STEPS = 10
 SOURCE = "a photo of a cat"
@@ -46,7 +46,8 @@ def test_registered_after_direct_with_reference_defaults():
     algo = get_method("ef-ddpm")
     assert isinstance(algo, EditFriendlyInversion)
     assert (algo.default_steps, algo.default_guidance, algo.default_inversion_guidance) == (100, 15.0, 3.5)
-    assert algo.default_schedule == "checkpoint" and algo.edit_options["skip"] == 36
+    assert algo.default_schedule == "checkpoint" and algo.edit_options["skip"] is None
+    assert default_skip(100) == 36 and default_skip(50) == 18  # T_skip = 36 of 100, scaled
     assert not algo.needs_source_prompt
 
 

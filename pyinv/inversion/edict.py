@@ -85,8 +85,17 @@ class Coupled:
         uncond / cond: embeddings ``(B, L, D)``; guidance: CFG scale per branch.
     """
 
-    def __init__(self, model, schedule: Schedule, mixing: float, leapfrog: bool, start: int,
-                 uncond: torch.Tensor, cond: torch.Tensor, guidance: Sequence[float]):
+    def __init__(
+        self,
+        model,
+        schedule: Schedule,
+        mixing: float,
+        leapfrog: bool,
+        start: int,
+        uncond: torch.Tensor,
+        cond: torch.Tensor,
+        guidance: Sequence[float],
+    ):
         self.model, self.schedule, self.p, self.leapfrog, self.start = model, schedule, mixing, leapfrog, start
         self.rows = batch_rows(guidance)
         dev = model.device
@@ -96,8 +105,9 @@ class Coupled:
         uncond_row = {b: r for r, (b, k) in enumerate(self.rows) if k == "uncond"}
         B = len(guidance)
         self.cond_index = torch.tensor([cond_row[b] for b in range(B)], device=dev, dtype=torch.long)
-        self.uncond_index = torch.tensor([uncond_row.get(b, cond_row[b]) for b in range(B)], device=dev,
-                                         dtype=torch.long)
+        self.uncond_index = torch.tensor(
+            [uncond_row.get(b, cond_row[b]) for b in range(B)], device=dev, dtype=torch.long
+        )
         self.guidance = torch.tensor([float(w) for w in guidance], device=dev, dtype=model.latent_dtype)
 
     def coefficients(self, i: int) -> tuple[int, float, float, float]:
@@ -135,7 +145,7 @@ class Coupled:
         y = (y - (1.0 - self.p) * x) / self.p
         x = (x - (1.0 - self.p) * y) / self.p
         pair = [x, y]
-        k = 1 if (self.leapfrog and (self.schedule.num_steps - 1 - i) % 2 == 1) else 0
+        k = 1 if self.y_first(i) else 0
         for moved in (1 - k, k):
             pair[moved] = (pair[moved] - b * self.eps(pair[1 - moved], t, a_t)) / a
         return pair[0], pair[1]
@@ -158,9 +168,20 @@ class EDICTInversion(Method):
     default_guidance = 3.0
     invert_options = {"mixing": 0.93, "leapfrog": True, "strength": 0.8}
 
-    def invert(self, model, z0: torch.Tensor, source_prompt: str, steps: int, guidance: float, schedule_mode: str,
-               progress: bool, mixing: float = 0.93, leapfrog: bool = True, strength: float = 0.8,
-               **options: Any) -> Inversion:
+    def invert(
+        self,
+        model,
+        z0: torch.Tensor,
+        source_prompt: str,
+        steps: int,
+        guidance: float,
+        schedule_mode: str,
+        progress: bool,
+        mixing: float = 0.93,
+        leapfrog: bool = True,
+        strength: float = 0.8,
+        **options: Any,
+    ) -> Inversion:
         """Invert ``z0 (1, C, h, w)`` with ``c_src`` at guidance w; stores ``edict_x``, ``edict_y``."""
         if options:
             raise PyinvError(f"method 'edict' has no inversion option(s) {', '.join(sorted(options))}")
@@ -168,19 +189,47 @@ class EDICTInversion(Method):
         started, calls = time.perf_counter(), counters(model)
         schedule = make_schedule(model.scheduler_config, steps, schedule_mode)
         start = first_step(schedule.num_steps, strength)
-        step = Coupled(model, schedule, mixing, leapfrog, start, embed(model, [""]),
-                       embed(model, [source_prompt]), [float(guidance)])
+        step = Coupled(
+            model,
+            schedule,
+            mixing,
+            leapfrog,
+            start,
+            embed(model, [""]),
+            embed(model, [source_prompt]),
+            [float(guidance)],
+        )
         x = z0.to(model.device, model.latent_dtype)
         y = x.clone()
-        for i in tqdm(range(schedule.num_steps - 1, start - 1, -1), desc="EDICT inversion", disable=not progress,
-                      leave=False):
+        for i in tqdm(
+            range(schedule.num_steps - 1, start - 1, -1), desc="EDICT inversion", disable=not progress, leave=False
+        ):
             x, y = step.invert(i, x, y)
         options = {"mixing": mixing, "leapfrog": leapfrog, "strength": strength}
-        return self.make_record(model, z0, source_prompt, schedule, guidance, {"edict_x": x, "edict_y": y},
-                                options, started, calls, schedule_mode)
+        return self.make_record(
+            model,
+            z0,
+            source_prompt,
+            schedule,
+            guidance,
+            {"edict_x": x, "edict_y": y},
+            options,
+            started,
+            calls,
+            schedule_mode,
+        )
 
-    def edit(self, model, inv: Inversion, targets: Sequence[str], guidance: float,
-             controller: Controller | None, with_source: bool, progress: bool, **options: Any) -> EditOutput:
+    def edit(
+        self,
+        model,
+        inv: Inversion,
+        targets: Sequence[str],
+        guidance: float,
+        controller: Controller | None,
+        with_source: bool,
+        progress: bool,
+        **options: Any,
+    ) -> EditOutput:
         """Sample the stored pair from its level with each target prompt at ``guidance``.
 
         Branch 0 is the source when ``with_source``: it runs at the inversion's guidance, so
@@ -197,8 +246,9 @@ class EDICTInversion(Method):
         prompts = ([inv.source_prompt] if with_source else []) + list(targets)
         B = len(prompts)
         ws = ([float(inv.guidance)] if with_source else []) + [float(guidance)] * len(targets)
-        step = Coupled(model, schedule, mixing, leapfrog, start, embed(model, [""]).expand(B, -1, -1),
-                       embed(model, prompts), ws)
+        step = Coupled(
+            model, schedule, mixing, leapfrog, start, embed(model, [""]).expand(B, -1, -1), embed(model, prompts), ws
+        )
         x = inv["edict_x"].to(model.device, model.latent_dtype).expand(B, -1, -1, -1).clone()
         y = inv["edict_y"].to(model.device, model.latent_dtype).expand(B, -1, -1, -1).clone()
         calls = counters(model)

@@ -18,7 +18,7 @@ Stored tensors: ``xts (N+1, C, h, w)`` (index k = the level of ``timesteps[N−k
 the clean latent) and ``noise_maps (N, C, h, w)`` (row i = sampling step i); the inversion's
 guidance is cfg_src (default 3.5). Editing (default guidance cfg_tar = 15) samples the
 target prompts from ``xts[N − skip]`` with the stored z's from step ``skip`` on (default 36 of
-100 steps); the source branch runs c_src at cfg_src and reproduces x_0. Edit options, applied
+100 steps, scaled to N for other step counts); the source branch runs c_src at cfg_src and reproduces x_0. Edit options, applied
 to the target branches only: ``shift`` (image shifting, paper Sec. 4: every noise map and the
 start latent are translated by ``(dy, dx)`` latent pixels with ``torch.roll``, i.e. circularly,
 so the maps keep their statistics) and ``color`` (colour manipulation:
@@ -64,7 +64,7 @@ def sample_levels(z0: torch.Tensor, schedule: Schedule) -> torch.Tensor:
     ``timesteps[N−k]`` with independent ``ε_k ~ N(0, I)`` (drawn on the CPU: seeds reproduce
     across devices)."""
     n = schedule.num_steps
-    noise = torch.randn((n, *z0.shape[1:]), dtype=torch.float32).to(z0.device)
+    noise = torch.randn((n, *z0.shape[1:]), dtype=torch.float32).to(z0.device, z0.dtype)
     rows = [z0]
     for k in range(1, n + 1):
         a = schedule.alpha(schedule.timesteps[n - k])
@@ -73,15 +73,16 @@ def sample_levels(z0: torch.Tensor, schedule: Schedule) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_noise(model, xts: torch.Tensor, emb: torch.Tensor, schedule: Schedule, guidance: float,
-                  progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_noise(
+    model, xts: torch.Tensor, emb: torch.Tensor, schedule: Schedule, guidance: float, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Algorithm 1's loop: ``(xts (N+1, C, h, w) re-set, noise_maps (N, C, h, w))``.
 
     ``emb`` is ``(2, L, D)``: [∅, c_src]; one UNet call (batch 2) per step.
     """
     n = schedule.num_steps
     xts = xts.clone()
-    maps = torch.zeros((n, *xts.shape[1:]), device=xts.device, dtype=torch.float32)
+    maps = torch.zeros((n, *xts.shape[1:]), device=xts.device, dtype=model.latent_dtype)
     for i in tqdm(range(n), desc="EF-DDPM inversion", disable=not progress, leave=False):
         t, a_t, a_s = schedule.step_alphas(i)
         x_t = xts[n - i : n - i + 1]
@@ -127,11 +128,15 @@ def parse_color(color: Any, z0: torch.Tensor) -> ColorEdit:
     _, c, h, w = z0.shape
     mask, target, s = color.mask, color.target, color.strength
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) not in ((h, w), (1, 1, h, w)):
-        raise PyinvError(f"color mask must be a tensor of shape ({h}, {w}) or (1, 1, {h}, {w}), got "
-                         f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+        raise PyinvError(
+            f"color mask must be a tensor of shape ({h}, {w}) or (1, 1, {h}, {w}), got "
+            f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}"
+        )
     if not isinstance(target, torch.Tensor) or tuple(target.shape) not in ((c, h, w), (1, c, h, w)):
-        raise PyinvError(f"color target must be a latent tensor of shape ({c}, {h}, {w}) or (1, {c}, {h}, {w}), got "
-                         f"{tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__}")
+        raise PyinvError(
+            f"color target must be a latent tensor of shape ({c}, {h}, {w}) or (1, {c}, {h}, {w}), got "
+            f"{tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__}"
+        )
     if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(float(s)) or s < 0:
         raise PyinvError(f"color strength must be a non-negative number, got {s!r}")
     mask, target = mask.float().reshape(1, 1, h, w), target.float().reshape(1, c, h, w)
@@ -142,6 +147,11 @@ def parse_color(color: Any, z0: torch.Tensor) -> ColorEdit:
     return ColorEdit(mask, target, float(s))
 
 
+def default_skip(num_steps: int) -> int:
+    """The reference's T_skip scaled to the step count: 36 of 100 steps (18 of 50)."""
+    return round(0.36 * num_steps)
+
+
 class EditFriendlyInversion(Method):
     name = "edit-friendly"
     summary = "edit-friendly DDPM inversion: independent noisy levels, extracted noise maps, DDPM sampling"
@@ -150,26 +160,50 @@ class EditFriendlyInversion(Method):
     default_inversion_guidance = 3.5  # cfg_src
     default_schedule = "checkpoint"
     needs_source_prompt = False
-    edit_options = {"skip": 36, "shift": 0, "color": None}
+    edit_options = {"skip": None, "shift": 0, "color": None}
 
     def invert(self, model, z0, source_prompt, steps, guidance, schedule_mode, progress, **options) -> Inversion:
         """Sample independent levels, extract ``noise_maps`` at cfg_src = ``guidance`` (N UNet calls)."""
         started, calls = time.perf_counter(), counters(model)
         schedule = make_schedule(model.scheduler_config, steps, schedule_mode)
-        z0 = z0.to(model.device, torch.float32)
+        z0 = z0.to(model.device, model.latent_dtype)
         emb = torch.cat([embed(model, [""]), embed(model, [source_prompt])])
         xts, maps = extract_noise(model, sample_levels(z0, schedule), emb, schedule, float(guidance), progress)
-        return self.make_record(model, z0, source_prompt, schedule, guidance, {"xts": xts, "noise_maps": maps}, {},
-                                started, calls, schedule_mode)
+        return self.make_record(
+            model,
+            z0,
+            source_prompt,
+            schedule,
+            guidance,
+            {"xts": xts, "noise_maps": maps},
+            {},
+            started,
+            calls,
+            schedule_mode,
+        )
 
-    def program(self, model, inv: Inversion, targets: Sequence[str], guidance: float, with_source: bool,
-                skip: Any = 36, shift: Any = 0, color: Any = None, **options) -> EditProgram:
+    def program(
+        self,
+        model,
+        inv: Inversion,
+        targets: Sequence[str],
+        guidance: float,
+        with_source: bool,
+        skip: Any = None,
+        shift: Any = 0,
+        color: Any = None,
+        **options,
+    ) -> EditProgram:
         """Targets at ``guidance`` from ``xts[N − skip]``, step ``skip`` on, with the stored z's."""
         schedule = schedule_of(model, inv)
         n = schedule.num_steps
+        if skip is None:
+            skip = default_skip(n)
         if isinstance(skip, bool) or not isinstance(skip, numbers.Integral) or not 0 <= skip < n:
-            raise PyinvError(f"skip must be an integer in [0, {n}) for this {n}-step inversion, got {skip!r}"
-                             " (the reference skips 36 of 100 steps)")
+            raise PyinvError(
+                f"skip must be an integer in [0, {n}) for this {n}-step inversion, got {skip!r}"
+                " (the reference skips 36 of 100 steps)"
+            )
         skip = int(skip)
         xts, maps = inv["xts"].to(model.device), inv["noise_maps"].to(model.device)
         dy, dx = parse_shift(shift, *xts.shape[-2:])
