@@ -178,7 +178,6 @@ def test_colour_manipulation_moves_x0_toward_target_inside_mask(ef_editor, ef_in
         {"skip": 2.5},
         {"skip": True},
         {"skip": "3"},
-        {},  # the reference's default skip 36 needs more than 10 steps
         {"skip": 0, "shift": "left"},
         {"skip": 0, "shift": (1, 2, 3)},
         {"skip": 0, "shift": (0.5, 1)},

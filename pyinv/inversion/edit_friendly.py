@@ -18,10 +18,10 @@ Stored tensors: ``xts (N+1, C, h, w)`` (index k = the level of ``timesteps[N−k
 the clean latent) and ``noise_maps (N, C, h, w)`` (row i = sampling step i); the inversion's
 guidance is cfg_src (default 3.5). Editing (default guidance cfg_tar = 15) samples the
 target prompts from ``xts[N − skip]`` with the stored z's from step ``skip`` on (default 36 of
-100 steps, scaled to N for other step counts); the source branch runs c_src at cfg_src and reproduces x_0. Edit options, applied
-to the target branches only: ``shift`` (image shifting, paper Sec. 4: every noise map and the
-start latent are translated by ``(dy, dx)`` latent pixels with ``torch.roll``, i.e. circularly,
-so the maps keep their statistics) and ``color`` (colour manipulation:
+100 steps, scaled to N for other step counts); the source branch runs c_src at cfg_src and
+reproduces x_0. Edit options, applied to the target branches only: ``shift`` (image shifting,
+paper Sec. 4: every noise map and the start latent are translated by ``(dy, dx)`` latent
+pixels with ``torch.roll``, i.e. circularly, so the maps keep their statistics) and ``color`` (colour manipulation:
 ``z_t ← z_t + s · B ⊙ (M − x̂0_t)``, mask B, colour target M in latent space, strength s).
 """
 
