@@ -272,7 +272,10 @@ def load_model(
     try:
         for module in (unet, vae, text_encoder):
             if module is not None:
-                module.to(device=dev, dtype=dt).eval().requires_grad_(False)
+                # fp64 (numerics checks) keeps the text encoder in fp32: some transformers
+                # releases cannot build CLIP's attention mask in fp64; embeddings are upcast.
+                module_dtype = torch.float32 if (module is text_encoder and dt == torch.float64) else dt
+                module.to(device=dev, dtype=module_dtype).eval().requires_grad_(False)
     finally:
         diffusers_logging.set_verbosity(verbosity)
     size = image_size or parts.get("image_size") or _default_image_size(unet, vae)
