@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import platform
@@ -366,9 +367,11 @@ def _quiet_libraries() -> Iterator[None]:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    hub_logger = logging.getLogger("huggingface_hub")
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity(), hub_logger.level
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
+    hub_logger.setLevel(logging.ERROR)  # e.g. its retry notices while the hub is unreachable
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -376,6 +379,7 @@ def _quiet_libraries() -> Iterator[None]:
     finally:
         diffusers_logging.set_verbosity(levels[0])
         transformers_logging.set_verbosity(levels[1])
+        hub_logger.setLevel(levels[2])
 
 
 def load_editor(model: str, device: torch.device, dtype: torch.dtype, progress: bool):

@@ -187,3 +187,16 @@ def test_bad_options_are_clear_errors(editor, image, ddim_inv):
         editor.invert(image, SRC, method="ddim", form="pinned")
     with pytest.raises(PyinvError, match="form"):
         editor.invert(image, SRC, method="direct", steps=2, form="sideways")
+
+
+def test_half_precision_model_optimises_in_fp32(image):
+    """A bf16 model: NTI optimises on an fp32 UNet copy; latents and embeddings stay fp32."""
+    import pyinv
+
+    ed = pyinv.Editor.from_pretrained("tiny", dtype="bf16")
+    inv = ed.invert(image, SRC, method="null-text", steps=4, inner_steps=3)
+    assert ed.model.unet.dtype == torch.bfloat16 and ed.model.fp32_unet().dtype == torch.float32
+    assert inv["null_embeddings"].dtype == torch.float32
+    assert sum(inv.stats["loss_last"]) < sum(inv.stats["loss_first"])
+    out = ed.edit(inv, TGT)
+    assert out.latents.dtype == torch.float32 and torch.isfinite(out.latents).all()
