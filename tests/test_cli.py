@@ -168,6 +168,18 @@ def test_several_targets_write_numbered_files_and_inversion(images, tmp_path, ca
     assert no_temp_files(tmp_path)
 
 
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_edits_from_the_cli(method, images, tmp_path):
+    out, inv = tmp_path / f"{method}.png", tmp_path / f"{method}.safetensors"
+    argv = ["edit", images["rgb.png"], "--source", SRC, "--target", TGT, "--method", method, "--steps", "4"]
+    assert cli.main([*argv, "--save-inversion", str(inv), "--out", str(out), "-q"]) == 0
+    with Image.open(out) as img:
+        assert img.size == (32, 32)
+    again = tmp_path / f"{method}-again.png"
+    assert cli.main(["edit", "--inversion", str(inv), "--target", TGT, "--out", str(again), "-q"]) == 0
+    assert again.exists()
+
+
 def test_invert_then_edit_inversion(inversion_file, tmp_path, capsys):
     out = tmp_path / "fox.png"
     assert (
@@ -230,7 +242,6 @@ def test_prompt_tuning_without_source_uses_target(images, tmp_path):
     assert out.exists()
 
 
-@pytest.mark.skipif("edit-friendly" not in METHODS, reason="edit-friendly is not registered")
 def test_edit_friendly_with_skip(images, tmp_path):
     out = tmp_path / "out.png"
     assert (
