@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .control.base import BatchLayout, Controller, NoControl
-from .schedule import Schedule
+from .schedule import Schedule, guided, split_prediction
 
 #: A per-step tensor: the same for every step, or a function of the step index.
 PerStep = torch.Tensor | Callable[[int], torch.Tensor]
@@ -137,8 +137,7 @@ def run(
             controller.begin_step(i, t)
             uncond, cond = _at(program.uncond, i).to(device), _at(program.cond, i).to(device)
             if layout.size:
-                kinds = [k for _, k in layout.rows]
-                emb = torch.stack([(uncond if k == "uncond" else cond)[b] for (b, k) in layout.rows]) if kinds else None
+                emb = torch.stack([(uncond if k == "uncond" else cond)[b] for (b, k) in layout.rows])
                 with torch.no_grad():
                     out = model.unet_forward(latents.index_select(0, row_branch), t, emb)
                 out_c, out_u = out.index_select(0, cond_index), out.index_select(0, uncond_index)
@@ -210,7 +209,6 @@ def _gather_indices(layout: BatchLayout, B: int, device) -> tuple[torch.Tensor, 
 
 
 def _x0(out_u, out_c, guidance, latents, a_t, v_pred) -> torch.Tensor:
-    from .schedule import guided, split_prediction
-
+    """x̂0 of the guided prediction (for program hooks that need it before the step)."""
     m = guided(out_u, out_c, guidance)
     return split_prediction(m, latents, a_t, "v_prediction" if v_pred else "epsilon")[0]
