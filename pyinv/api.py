@@ -179,7 +179,7 @@ class Editor:
         started = time.perf_counter()
         with _seeded(seed, self.model.device):
             out = algo.edit(self.model, inv, targets, guidance, control, with_source, self.progress, **options)
-        images = self.decode(out.targets)
+        images = self.decode(out.targets) if len(out.targets) else []
         source_image = self.decode(out.source)[0] if out.source is not None else None
         return EditResult(
             images=images,
@@ -196,11 +196,10 @@ class Editor:
     def reconstruct(self, inversion: Inversion, guidance: float | None = None, **options: Any) -> EditResult:
         """Run the source branch only: the method's reconstruction of the inverted image.
 
-        Implemented as an edit whose target is the source prompt with the source branch
-        on; the returned ``source_latents``/``source_image`` are the reconstruction.
+        Implemented as an edit with no target branch and the source branch on; the
+        returned ``source_latents``/``source_image`` are the reconstruction (``images`` is empty).
         """
-        prompt = inversion.source_prompt or inversion.options.get("init_prompt") or ""
-        return self._edit(inversion, [prompt], guidance, None, True, None, **options)
+        return self._edit(inversion, [], guidance, None, True, None, **options)
 
     # ------------------------------------------------------------------ files
     def load_inversion(self, path: str | os.PathLike) -> Inversion:

@@ -200,3 +200,11 @@ def test_half_precision_model_optimises_in_fp32(image):
     assert sum(inv.stats["loss_last"]) < sum(inv.stats["loss_first"])
     out = ed.edit(inv, TGT)
     assert out.latents.dtype == torch.float32 and torch.isfinite(out.latents).all()
+
+
+def test_reconstruct_runs_the_source_branch_only(editor, ddim_inv, image):
+    out = editor.reconstruct(ddim_inv, guidance=7.5)
+    assert out.images == [] and out.source_image is not None
+    assert out.unet_image_forwards == 2 * STEPS  # one branch, unconditional + conditional
+    direct = editor.invert(image, SRC, method="direct", steps=STEPS)
+    assert editor.reconstruct(direct).unet_image_forwards == 0  # pinned: the pivot itself

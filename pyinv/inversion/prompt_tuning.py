@@ -95,10 +95,10 @@ class PromptTuningInversion(Method):
         schedule = schedule_of(model, inv)
         B = len(targets) + int(with_source)
         tuned = inv["cond_embeddings"].to(model.device)
-        tgt = embed(model, list(targets))
+        tgt = embed(model, list(targets) or [""])[: len(targets)]  # no rows for a reconstruction
         weights = torch.full((B, 1, 1), float(eta), device=model.device)
         if with_source:
-            tgt = torch.cat([tgt[:1], tgt])  # placeholder row for the source, weight 0 below
+            tgt = torch.cat([torch.zeros_like(tuned[:1]), tgt])  # the source's row: weight 0 below
             weights[0] = 0.0
 
         def cond(i: int) -> torch.Tensor:
