@@ -9,10 +9,25 @@ Public API::
 """
 
 from .api import Editor, EditResult
+from .control import P2P, Controller, LocalBlend, MasaCtrl, PnP
 from .errors import PyinvError
 from .inversion import METHODS, Inversion
 from .models import DiffusionModel, load_model
 
 __version__ = "0.1.0"
 
-__all__ = ["METHODS", "DiffusionModel", "EditResult", "Editor", "Inversion", "PyinvError", "__version__", "load_model"]
+__all__ = [
+    "METHODS",
+    "P2P",
+    "Controller",
+    "DiffusionModel",
+    "EditResult",
+    "Editor",
+    "Inversion",
+    "LocalBlend",
+    "MasaCtrl",
+    "PnP",
+    "PyinvError",
+    "__version__",
+    "load_model",
+]

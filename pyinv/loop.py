@@ -50,6 +50,9 @@ class EditProgram:
         noise: per-step noise maps ``(C, h, w)`` or ``(B, C, h, w)`` (with ``sigmas``).
         noise_adjust: optional ``f(i, x0_pred (B,C,h,w), noise) -> noise`` (EF-DDPM
             colour manipulation needs x̂0 before the step; uses the unfused path).
+        source_drifts: the source branch is plain guided sampling with no correction
+            (DDIM), so a controller may choose its guidance (PnP uses the guidance-1
+            reconstruction, as its reference does).
     """
 
     schedule: Schedule
@@ -64,6 +67,7 @@ class EditProgram:
     sigmas: list[float] | None = None
     noise: PerStep | None = None
     noise_adjust: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    source_drifts: bool = False
 
     @property
     def num_branches(self) -> int:
@@ -129,7 +133,7 @@ def run(
     calls0, forwards0 = model.unet_calls, model.unet_image_forwards
     trajectory = [latents.clone()] if keep_trajectory else []
 
-    controller.install(model, layout, n)
+    controller.install(model, layout, program)
     try:
         steps = range(program.first_step, n)
         for i in tqdm(steps, desc=desc, disable=not progress, leave=False):
@@ -143,6 +147,7 @@ def run(
                 out_c, out_u = out.index_select(0, cond_index), out.index_select(0, uncond_index)
             else:  # only a pinned source without passes: nothing to run
                 out_c = out_u = torch.zeros_like(latents)
+            blend = controller.blend_mask(i)
             noise = sigma = None
             if program.sigmas is not None:
                 sigma = program.sigmas[i]
@@ -176,6 +181,7 @@ def run(
                 offset=offset,
                 pin=pin,
                 pin_mask=pin_mask,
+                blend_mask=blend,
             )
             latents = controller.after_step(i, latents)
             if keep_trajectory:

@@ -37,19 +37,35 @@ class BatchLayout:
 
 
 class Controller:
-    """Base controller: reads nothing, changes nothing (prompt swap)."""
+    """Base controller: reads nothing, changes nothing (prompt swap).
+
+    The driver calls, per edit: :meth:`prepare` (before anything runs: check the prompts,
+    build per-edit tensors, maybe adapt the program), :meth:`install` (with the batch
+    layout), then per step :meth:`begin_step`, the UNet call, :meth:`blend_mask` (a mask
+    for the step op's LocalBlend mix), the step op and :meth:`after_step`; finally
+    :meth:`remove`, also when the edit fails.
+    """
 
     #: source passes the controller reads: any of {"uncond", "cond"}
     reads_source: frozenset[str] = frozenset()
 
-    def install(self, model, layout: BatchLayout, num_steps: int) -> None:
+    def prepare(self, model, program, source_prompt: str, targets: list[str]):
+        """Check the edit's prompts and build what the controller needs; returns the program."""
+        return program
+
+    def install(self, model, layout: BatchLayout, program) -> None:
         """Attach to ``model.unet`` for one edit (attention processors, hooks)."""
 
     def remove(self, model) -> None:
         """Detach from ``model.unet``, restoring what :meth:`install` replaced."""
 
     def begin_step(self, step: int, timestep: int) -> None:
-        """Called before the UNet call of sampling step ``step``."""
+        """Called before the UNet call of sampling step ``step`` (index into the schedule)."""
+
+    def blend_mask(self, step: int) -> torch.Tensor | None:
+        """After the UNet call: ``(B, 1, h, w)`` mask ``m`` for ``z_b ← z_0 + m_b (z_b − z_0)``
+        in the step op (LocalBlend), or ``None``."""
+        return None
 
     def after_step(self, step: int, latents: torch.Tensor) -> torch.Tensor:
         """Called with the stepped latents ``(B, C, h, w)``; returns them (maybe changed)."""

@@ -93,6 +93,8 @@ class Method:
         """Run the edit through the loop driver; branch 0 is the source when present."""
         needs_source = with_source or bool(controller and controller.reads_source)
         program = self.program(model, inv, targets, guidance, needs_source, **options)
+        if controller is not None:
+            program = controller.prepare(model, program, inv.source_prompt, list(targets))
         result = loop.run(model, program, controller, progress=progress, desc=f"edit ({self.name})")
         lat = result.latents
         source = lat[:1] if program.has_source else None

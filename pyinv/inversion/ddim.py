@@ -45,4 +45,5 @@ class DDIMInversion(Method):
             cond=embed(model, prompts),
             guidance=torch.full((B,), float(guidance)),
             has_source=with_source,
+            source_drifts=True,
         )

@@ -9,6 +9,8 @@ For each batch row b (a branch), with UNet outputs ``u_b`` (unconditional) and `
                ``z'_b = √ᾱ_s x̂0_b + √(1−ᾱ_s−σ²) ε_b + σ n_b``
 4. correction: Direct Inversion, either ``z'_b += o_b`` (reference offsets) or
                ``z'_b = p_b`` where ``pin_mask_b`` (pinned source)
+5. blend:      LocalBlend, ``z'_b = z'_0 + m_b (z'_b − z'_0)`` with mask ``m (B, 1, H, W)``
+               (row 0 is the source; applied after the correction, as the reference does)
 
 Shapes: latents, outputs, noise, offset and pin ``(B, C, H, W)``; guidance ``(B,)``;
 pin_mask ``(B,)`` bool. Math in fp32 whatever the input dtype; the result has the
@@ -35,6 +37,7 @@ def guided_step_reference(
     offset: torch.Tensor | None = None,
     pin: torch.Tensor | None = None,
     pin_mask: torch.Tensor | None = None,
+    blend_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch reference of the fused guided step (see the module docstring)."""
     dt = torch.promote_types(latents.dtype, torch.float32)  # fp32 math for half inputs
@@ -58,4 +61,7 @@ def guided_step_reference(
     if pin is not None:
         mask = pin_mask.view(-1, *([1] * (z.ndim - 1))) if pin_mask is not None else torch.ones(1, dtype=torch.bool)
         out = torch.where(mask.to(out.device), pin.to(dt), out)
+    if blend_mask is not None:
+        source = out[:1]
+        out = source + blend_mask.to(dt) * (out - source)
     return out.to(latents.dtype)

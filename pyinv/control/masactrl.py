@@ -1,0 +1,88 @@
+"""MasaCtrl: mutual self-attention control (Cao et al., arXiv 2304.08465).
+
+From call ``start_step`` of the edit and self-attention layer ``start_layer`` on (layers
+counted over the UNet's self-attention layers in execution order: encoder, middle,
+decoder), every target row's self-attention queries the source's keys and values of the
+same half (unconditional rows read the source's unconditional pass, conditional rows its
+conditional pass):
+
+    out_tgt = SDPA(Q_tgt, K_src, V_src)
+
+Implemented as a row index on K and V, so it runs in the same fused attention call.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+from ..errors import PyinvError
+from .attention import AttentionController, AttentionLayer, sdpa
+from .base import Controller
+
+#: the reference's start layer, counted over SD 1.x's 16 self-attention layers
+REFERENCE_START_LAYER, REFERENCE_LAYERS = 10, 16
+
+
+class MasaCtrl(AttentionController, Controller):
+    """``MasaCtrl(start_step=4, start_layer=None)``.
+
+    Args:
+        start_step: first call of the edit that is controlled (reference 4).
+        start_layer: first controlled self-attention layer (reference 10 of SD 1.x's 16).
+            ``None``: 10 on a model with 16 self-attention layers, else the same fraction
+            of the model's layers (rounded).
+        graph_static: compute the controlled attention every step (see
+            :class:`~pyinv.control.attention.AttentionController`).
+    """
+
+    reads_source = frozenset({"uncond", "cond"})
+
+    def __init__(self, start_step: int = 4, start_layer: int | None = None, graph_static: bool = False):
+        for name, value in (("start_step", start_step), ("start_layer", start_layer)):
+            if value is None and name == "start_layer":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise PyinvError(f"MasaCtrl {name} must be a non-negative integer, got {value!r}")
+        self.start_step = int(start_step)
+        self.start_layer = None if start_layer is None else int(start_layer)
+        self.graph_static = bool(graph_static)
+
+    def __repr__(self) -> str:
+        return f"MasaCtrl(start_step={self.start_step}, start_layer={self.start_layer})"
+
+    def prepare(self, model, program, source_prompt: str, targets: list[str]):
+        calls = program.schedule.num_steps - program.first_step
+        if self.start_step >= calls:
+            raise PyinvError(f"MasaCtrl start_step {self.start_step} leaves nothing to control in a {calls}-step edit")
+        return program
+
+    def resolved_start_layer(self, num_self_layers: int) -> int:
+        if self.start_layer is not None:
+            return self.start_layer
+        return round(REFERENCE_START_LAYER * num_self_layers / REFERENCE_LAYERS)
+
+    def controlled_layers(self, layers: list[AttentionLayer]) -> list[AttentionLayer]:
+        own = [x for x in layers if not x.is_cross]
+        start = self.resolved_start_layer(len(own))
+        if start >= len(own):
+            raise PyinvError(
+                f"MasaCtrl start_layer {start} is past the model's {len(own)} self-attention layers"
+                f" (use a value below {len(own)})"
+            )
+        return [x for x in own if x.index >= start]
+
+    def install_state(self, model) -> None:
+        self._identity = self.rows.index(None)
+        self._source_kv = self.rows.index({"uncond": "uncond", "cond": "cond"})
+
+    def clear_state(self) -> None:
+        self._identity = self._source_kv = self._kv = None
+
+    def begin_step(self, step: int, timestep: int) -> None:
+        self.active = step - self.first_step >= self.start_step
+        self._kv = self._source_kv if self.active else self._identity
+
+    def attend(self, layer: AttentionLayer, q, k, v, scale: float):
+        if not (self.active or self.graph_static):
+            return sdpa(q, k, v, scale)
+        return sdpa(q, k.index_select(0, self._kv), v.index_select(0, self._kv), scale)

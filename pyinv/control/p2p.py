@@ -1,0 +1,297 @@
+"""Prompt-to-Prompt attention control (Hertz et al., arXiv 2208.01626) on fused attention.
+
+Only the conditional passes are controlled: every target's conditional pass reads the
+source's conditional pass. With ``P = softmax(Q Kᵀ·s)`` the reference edits the target's
+cross-attention map, per target token ``j`` (columns) at call ``k`` of the edit:
+
+    P'_tgt[:, j] = a_j e_j (α_j P_src[:, idx_j] + (1 − α_j) P_tgt[:, j]) + (1 − a_j) P_tgt[:, j]   (refine)
+    P'_tgt       = a ⊙ e ⊙ (P_src · M) + (1 − a) ⊙ P_tgt                                          (replace)
+    P'_tgt       = a ⊙ e ⊙ P_src + (1 − a) ⊙ P_tgt                                                 (reweight only)
+
+with ``a`` the per-token cross-attention window (1 inside), ``e`` the reweighting
+equaliser, ``M`` the replace mapper and ``idx, α`` the refine alignment
+(:mod:`pyinv.control.words`). Every edit is linear in the key axis, so
+
+    P'_tgt V_tgt = P_src (A V_tgt) + P_tgt (b ⊙ V_tgt),   A = base · diag(a e α),  b = a e (1 − α) + 1 − a
+
+(``base`` = ``M``, the 0/1 selection of ``idx``, or ``I``) — two ``scaled_dot_product_attention``
+calls, no map materialised. Self-attention replace (calls in the self window, layers with
+≤ 32² queries) is ``SDPA(Q_src, K_src, V_tgt)``.
+
+LocalBlend needs word maps ``P E`` (``E`` = 0/1 indicator of the words' tokens): the same
+identity with ``E`` in place of ``V``, on the cross-attention layers at 16×16 of the encoder
+and decoder. As in the reference, the target's maps are taken after the edit, summed over
+heads, layers and all calls so far; the mask is max-pooled (3×3), nearest-upsampled to the
+latent size, divided by its maximum, thresholded, and united with the source's mask. From
+call ``int(start·N)`` on, the step op mixes ``z_tgt ← z_src + mask ⊙ (z_tgt − z_src)``.
+Only a running sum ``(1 + T, h·w)`` is kept across calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import PyinvError
+from .attention import AttentionController, AttentionLayer, sdpa
+from .base import Controller
+from .words import check_window, refine_alignment, replace_mapper, window_alpha, word_weights
+
+EDITS = ("refine", "replace", "reweight")
+#: self-attention is replaced only in layers with at most this many query tokens
+SELF_REPLACE_MAX_TOKENS = 32 * 32
+
+
+def _words(value, what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = value.split(",") if "," in value else [value]
+    if not isinstance(value, Sequence) or not value or not all(isinstance(w, str) and w.strip() for w in value):
+        raise PyinvError(f"{what} must be a word or a list of words, got {value!r}")
+    return tuple(w.strip() for w in value)
+
+
+@dataclass
+class LocalBlend:
+    """Keep the image outside the edited words' region: see the module docstring.
+
+    Args:
+        source_words: word(s) of the source prompt whose region may change.
+        target_words: word(s) of every target prompt whose region may change.
+        threshold: mask threshold on the max-normalised map (reference 0.3).
+        start: fraction of the steps before blending starts (reference 0.2: from call
+            ``int(0.2·N)`` on).
+        resolution: side of the attention maps used (reference 16; if the model has no
+            16×16 cross-attention layer, the closest size is used).
+    """
+
+    source_words: str | Sequence[str]
+    target_words: str | Sequence[str]
+    threshold: float = 0.3
+    start: float = 0.2
+    resolution: int = 16
+
+    def __post_init__(self):
+        self.source_words = _words(self.source_words, "blend source words")
+        self.target_words = _words(self.target_words, "blend target words")
+        for name in ("threshold", "start"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
+                raise PyinvError(f"blend {name} must be a number in [0, 1], got {value!r}")
+        if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 1:
+            raise PyinvError(f"blend resolution must be a positive integer, got {self.resolution!r}")
+
+
+class P2P(AttentionController, Controller):
+    """Prompt-to-Prompt: ``P2P(edit="refine", cross_replace=0.8, self_replace=0.4, reweight=None, blend=None)``.
+
+    Args:
+        edit: ``"refine"`` (words added or changed; global token alignment), ``"replace"``
+            (same word count; word-to-token mapper) or ``"reweight"`` (only ``reweight``).
+        cross_replace: cross-attention window — a fraction, a pair ``(start, end)``, or a
+            dict ``{"default_": 0.8, "word": (s, e)}`` with per-word windows (target words).
+        self_replace: self-attention replace window — a fraction or a pair.
+        reweight: ``{word: scale}`` for target words (columns scaled, not renormalised).
+        blend: a :class:`LocalBlend`, or ``(source_words, target_words)`` for its defaults.
+        graph_static: compute all terms every step (see :class:`AttentionController`).
+    """
+
+    reads_source = frozenset({"cond"})
+
+    def __init__(
+        self,
+        edit: str = "refine",
+        cross_replace=0.8,
+        self_replace=0.4,
+        reweight: dict[str, float] | None = None,
+        blend: LocalBlend | tuple | None = None,
+        graph_static: bool = False,
+    ):
+        if edit not in EDITS:
+            raise PyinvError(f"unknown P2P edit {edit!r}; use one of {', '.join(EDITS)}")
+        if edit == "reweight" and not reweight:
+            raise PyinvError("the reweight edit needs words to reweight (reweight={'word': scale})")
+        for word, value in (reweight or {}).items():
+            if not isinstance(word, str) or not word.strip():
+                raise PyinvError(f"reweight words must be non-empty strings, got {word!r}")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not float(value) == float(value):
+                raise PyinvError(f"reweight scale of {word!r} must be a number, got {value!r}")
+        if isinstance(cross_replace, dict):
+            for value in cross_replace.values():
+                check_window(value, "cross_replace")
+        else:
+            check_window(cross_replace, "cross_replace")
+        self.self_window = check_window(self_replace, "self_replace")
+        if blend is not None and not isinstance(blend, LocalBlend):
+            if not isinstance(blend, Sequence) or isinstance(blend, str) or len(blend) != 2:
+                raise PyinvError(f"blend must be a LocalBlend or a pair (source words, target words), got {blend!r}")
+            blend = LocalBlend(*blend)
+        self.edit = edit
+        self.cross_replace = cross_replace
+        self.self_replace = self_replace
+        self.reweight = dict(reweight or {})
+        self.blend = blend
+        self.graph_static = bool(graph_static)
+
+    def __repr__(self) -> str:
+        return (
+            f"P2P(edit={self.edit!r}, cross_replace={self.cross_replace!r}, self_replace={self.self_replace!r},"
+            f" reweight={self.reweight!r}, blend={self.blend!r})"
+        )
+
+    # ------------------------------------------------------------------ per edit
+    def prepare(self, model, program, source_prompt: str, targets: list[str]):
+        """Token maps, windows, equaliser and blend indicators for these prompts ``(T, L, …)``."""
+        tok = model.tokenizer
+        length = int(tok.model_max_length)
+        n = program.schedule.num_steps
+        T = len(targets)
+        base = torch.zeros(T, length, length, dtype=torch.float64)
+        keep = torch.ones(T, length, dtype=torch.float64)  # α: weight of the source column
+        self.refine_index = torch.arange(length).repeat(T, 1)
+        for t, target in enumerate(targets):
+            if self.edit == "replace":
+                base[t] = replace_mapper(tok, source_prompt, target, length)
+            elif self.edit == "refine":
+                idx, alpha = refine_alignment(tok, source_prompt, target, length)
+                base[t, idx, torch.arange(length)] = 1.0
+                keep[t], self.refine_index[t] = alpha, idx
+            else:
+                base[t] = torch.eye(length, dtype=torch.float64)
+        eq = torch.stack(
+            [word_weights(tok, target, self.reweight, length, base=1.0, what="reweight word") for target in targets]
+        )
+        self.base, self.keep, self.eq = base, keep, eq
+        self.cross_alpha = window_alpha(tok, targets, n, self.cross_replace, length)
+        s, e = self.self_window
+        self.self_steps = (int(n * s), int(n * e))
+        if self.blend is not None:
+            words = {w: 1.0 for w in self.blend.source_words}
+            self.blend_source = word_weights(tok, source_prompt, words, length, what="blend source word")
+            words = {w: 1.0 for w in self.blend.target_words}
+            self.blend_targets = torch.stack(
+                [word_weights(tok, target, words, length, what="blend target word") for target in targets]
+            )
+            self.blend_start = int(self.blend.start * n)
+        return program
+
+    def controlled_layers(self, layers: list[AttentionLayer]) -> list[AttentionLayer]:
+        self.blend_layers: set[str] = set()
+        if self.blend is not None:
+            self.blend_layers = {layer.name for layer in _blend_layers(layers, self.blend.resolution)}
+        self_replace = self.self_steps[1] > self.self_steps[0]
+        return [
+            layer
+            for layer in layers
+            if layer.is_cross or (self_replace and layer.tokens <= SELF_REPLACE_MAX_TOKENS)
+        ]
+
+    def install_state(self, model) -> None:
+        dev = model.device
+        rows = self.rows
+        self.source_cond = rows.source_row("cond")
+        self.target_cond = rows.target_index("cond")
+        order = rows.target_numbers("cond")
+        self._order = order
+        self._dtype = model.dtype
+        self._base, self._keep, self._eq = (x[order].to(dev) for x in (self.base, self.keep, self.eq))
+        self._alpha_steps = self.cross_alpha[:, order].to(dev)
+        self._identity = rows.index(None)
+        self._self_index = rows.index({"cond": "cond"})
+        self._blend_sum = None
+        if self.blend is not None:
+            self._blend_src = self.blend_source.to(dev)
+            self._blend_tgt = self.blend_targets[order].to(dev)
+
+    def clear_state(self) -> None:
+        for name in ("_base", "_keep", "_eq", "_alpha_steps", "_blend_sum", "_blend_src", "_blend_tgt", "_A", "_b"):
+            setattr(self, name, None)
+        self._key_scale = None
+
+    # ------------------------------------------------------------------ per step
+    def begin_step(self, step: int, timestep: int) -> None:
+        k = step - self.first_step  # calls so far in this edit
+        self.call = k
+        a = self._alpha_steps[min(k, self._alpha_steps.shape[0] - 1)]  # (T, L)
+        self._a = a
+        self.cross_active = bool(a.any())
+        coef = a * self._eq * self._keep
+        self._A = (self._base * coef[:, None, :]).to(self._dtype)  # (T, L, L)
+        self._b = (a * self._eq * (1.0 - self._keep) + (1.0 - a)).to(self._dtype)  # (T, L)
+        scale = torch.ones(self.rows.size, a.shape[-1], dtype=self._dtype, device=a.device)
+        self._key_scale = scale.index_copy(0, self.target_cond, self._b)
+        self.self_active = self.self_steps[0] <= k < self.self_steps[1]
+        self._step_self_index = self._self_index if self.self_active else self._identity
+
+    def attend(self, layer: AttentionLayer, q, k, v, scale: float) -> torch.Tensor:
+        if not layer.is_cross:
+            if not (self.self_active or self.graph_static):
+                return sdpa(q, k, v, scale)
+            idx = self._step_self_index
+            return sdpa(q.index_select(0, idx), k.index_select(0, idx), v, scale)
+        edit = self.cross_active or self.graph_static
+        if edit:
+            out = sdpa(q, k, v * self._key_scale[:, None, :, None], scale)
+            out = out.index_add(0, self.target_cond, self._from_source(q, k, v.index_select(0, self.target_cond), scale))
+        else:
+            out = sdpa(q, k, v, scale)
+        if layer.name in self.blend_layers:
+            self._accumulate_maps(q, k, scale, edit)
+        return out
+
+    def _from_source(self, q, k, values, scale: float) -> torch.Tensor:
+        """``SDPA(Q_src, K_src, A_t · values_t)`` for every target ``t``: ``(T, H, n, ·)``."""
+        T = values.shape[0]
+        s = self.source_cond
+        qs = q[s : s + 1].expand(T, -1, -1, -1)
+        ks = k[s : s + 1].expand(T, -1, -1, -1)
+        return sdpa(qs, ks, torch.matmul(self._A[:, None], values), scale)
+
+    def _accumulate_maps(self, q, k, scale: float, edited: bool) -> None:
+        """Add this layer's word maps (summed over heads) to the running sum ``(1 + T, n)``."""
+        heads = q.shape[1]
+        s, tc = self.source_cond, self.target_cond
+        dt = q.dtype
+        e_src = self._blend_src.to(dt)[None, None, :, None].expand(1, heads, -1, -1)
+        e_tgt = self._blend_tgt.to(dt)[:, None, :, None].expand(-1, heads, -1, -1)  # (T, H, L, 1)
+        src = sdpa(q[s : s + 1], k[s : s + 1], e_src, scale)
+        q_t, k_t = q.index_select(0, tc), k.index_select(0, tc)
+        if edited:
+            tgt = sdpa(q_t, k_t, e_tgt * self._b.to(dt)[:, None, :, None], scale)
+            tgt = tgt + self._from_source(q, k, e_tgt, scale)
+        else:
+            tgt = sdpa(q_t, k_t, e_tgt, scale)
+        maps = torch.cat([src, tgt]).sum(1)[..., 0].float()  # (1 + T, n)
+        self._blend_sum = maps if self._blend_sum is None else self._blend_sum + maps
+
+    def blend_mask(self, step: int) -> torch.Tensor | None:
+        if self.blend is None or step - self.first_step < self.blend_start or self._blend_sum is None:
+            return None
+        return blend_mask_from_maps(self._blend_sum, self._map_size(), self.latent_size, self.blend.threshold)
+
+    def _map_size(self) -> tuple[int, int]:
+        layer = next(x for x in self.layers if x.name in self.blend_layers)
+        return layer.size
+
+
+def blend_mask_from_maps(maps: torch.Tensor, size: tuple[int, int], latent_size, threshold: float) -> torch.Tensor:
+    """LocalBlend mask ``(1 + T, 1, H, W)`` (float 0/1) from summed word maps ``(1 + T, h·w)``:
+    3×3 max-pool, nearest upsample, divide by the max, ``> threshold``, union with row 0."""
+    m = maps.view(maps.shape[0], 1, *size)
+    m = F.max_pool2d(m, kernel_size=3, stride=1, padding=1)
+    m = F.interpolate(m, size=tuple(latent_size))
+    m = m / m.amax(dim=(2, 3), keepdim=True)
+    mask = m > threshold
+    return (mask[:1] | mask).to(maps.dtype)
+
+
+def _blend_layers(layers: list[AttentionLayer], resolution: int) -> list[AttentionLayer]:
+    """Encoder and decoder cross-attention layers at ``resolution²`` (else the closest size)."""
+    candidates = [x for x in layers if x.is_cross and x.part in ("down", "up")]
+    if not candidates:
+        raise PyinvError("LocalBlend needs cross-attention layers in the UNet's encoder or decoder")
+    target = resolution * resolution
+    best = min(candidates, key=lambda x: (abs(x.tokens - target), -x.tokens)).size
+    return [x for x in candidates if x.size == best]

@@ -1,0 +1,148 @@
+"""Plug-and-Play feature injection (Tumanyan et al., arXiv 2211.12572).
+
+The source pass is the source latent with the empty prompt (the source branch's
+unconditional pass). Into both target passes (unconditional and conditional):
+
+- for the first ``int(feature_steps·N)`` steps, the residual-branch output of the decoder
+  ResNet ``up_blocks[1].resnets[1]`` (its ``conv2`` output, before the skip connection is
+  added) is replaced by the source's;
+- for the first ``int(attention_steps·N)`` steps, the self-attention queries and keys of
+  the decoder's self-attention layers after the first (SD 1.x: decoder layers 4–11) are
+  replaced by the source's: ``out_tgt = SDPA(Q_src, K_src, V_tgt)``.
+
+Targets use ``negative_prompt`` for their unconditional pass (the reference's
+"ugly, blurry, black, low res, unrealistic"). With plain DDIM inversion the source branch
+is the guidance-1 reconstruction with the source prompt, as in the reference.
+Both injections are row indices, so they stay inside the fused attention call and a
+forward hook on the public ``conv2`` module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..errors import PyinvError
+from .attention import AttentionController, AttentionLayer, sdpa
+from .base import Controller
+from .words import check_window
+
+DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, black, low res, unrealistic"
+DEFAULT_FEATURE_LAYER = "up_blocks.1.resnets.1"
+
+
+class PnP(AttentionController, Controller):
+    """``PnP(feature_steps=0.8, attention_steps=0.5, feature_layer="up_blocks.1.resnets.1",
+    attention_layers=None, negative_prompt="ugly, blurry, black, low res, unrealistic")``.
+
+    ``attention_layers``: module names of the self-attention layers to inject (``None``:
+    every decoder self-attention layer except the first). ``negative_prompt=None`` keeps the
+    method's own unconditional embedding for the targets.
+    """
+
+    reads_source = frozenset({"uncond"})
+
+    def __init__(
+        self,
+        feature_steps: float = 0.8,
+        attention_steps: float = 0.5,
+        feature_layer: str = DEFAULT_FEATURE_LAYER,
+        attention_layers: list[str] | None = None,
+        negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT,
+        graph_static: bool = False,
+    ):
+        for name, value in (("feature_steps", feature_steps), ("attention_steps", attention_steps)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise PyinvError(f"PnP {name} must be a number in [0, 1], got {value!r}")
+            check_window(value, f"PnP {name}")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise PyinvError(f"negative prompt must be a string, got {type(negative_prompt).__name__}")
+        self.feature_steps = float(feature_steps)
+        self.attention_steps = float(attention_steps)
+        self.feature_layer = feature_layer
+        self.attention_layers = None if attention_layers is None else list(attention_layers)
+        self.negative_prompt = negative_prompt
+        self.graph_static = bool(graph_static)
+
+    def __repr__(self) -> str:
+        return (
+            f"PnP(feature_steps={self.feature_steps}, attention_steps={self.attention_steps},"
+            f" feature_layer={self.feature_layer!r}, negative_prompt={self.negative_prompt!r})"
+        )
+
+    def prepare(self, model, program, source_prompt: str, targets: list[str]):
+        n = program.schedule.num_steps
+        self.feature_until = int(n * self.feature_steps)
+        self.attention_until = int(n * self.attention_steps)
+        _conv2(model.unet, self.feature_layer)  # fails early with a clear error
+        changes = {}
+        if self.negative_prompt is not None:
+            changes["uncond"] = _targets_uncond(program, model.encode_prompts([self.negative_prompt]))
+        if program.has_source and program.source_drifts:
+            guidance = program.guidance.clone()
+            guidance[0] = 1.0
+            changes["guidance"] = guidance
+        return dataclasses.replace(program, **changes) if changes else program
+
+    def controlled_layers(self, layers: list[AttentionLayer]) -> list[AttentionLayer]:
+        own = [x for x in layers if not x.is_cross]
+        if self.attention_layers is None:
+            return [x for x in own if x.part == "up" and x.decoder_index >= 1]
+        by_module = {x.module: x for x in own}
+        missing = [name for name in self.attention_layers if name not in by_module]
+        if missing:
+            raise PyinvError(f"PnP attention layer(s) {', '.join(missing)} are not self-attention layers of this UNet")
+        return [by_module[name] for name in self.attention_layers]
+
+    def forward_hooks(self, unet):
+        return [(_conv2(unet, self.feature_layer), self._inject_features)]
+
+    def install_state(self, model) -> None:
+        self._identity = self.rows.index(None)
+        self._source = self.rows.index({"uncond": "uncond", "cond": "uncond"})
+
+    def clear_state(self) -> None:
+        self._identity = self._source = self._features = self._qk = None
+
+    def begin_step(self, step: int, timestep: int) -> None:
+        self.features_active = step < self.feature_until
+        self.attention_active = step < self.attention_until
+        self._features = self._source if self.features_active else self._identity
+        self._qk = self._source if self.attention_active else self._identity
+
+    def _inject_features(self, module, inputs, output: torch.Tensor) -> torch.Tensor | None:
+        if not (self.features_active or self.graph_static):
+            return None
+        return output.index_select(0, self._features)
+
+    def attend(self, layer: AttentionLayer, q, k, v, scale: float):
+        if not (self.attention_active or self.graph_static):
+            return sdpa(q, k, v, scale)
+        return sdpa(q.index_select(0, self._qk), k.index_select(0, self._qk), v, scale)
+
+
+def _conv2(unet, name: str) -> torch.nn.Module:
+    try:
+        block = unet.get_submodule(name)
+    except AttributeError:
+        raise PyinvError(f"PnP feature layer {name!r} is not a module of this UNet") from None
+    conv = getattr(block, "conv2", None)
+    if not isinstance(conv, torch.nn.Module):
+        raise PyinvError(f"PnP feature layer {name!r} is not a ResNet block (it has no conv2)")
+    return conv
+
+
+def _targets_uncond(program, negative: torch.Tensor):
+    """The program's unconditional embeddings with every target row set to ``negative``."""
+    first = 1 if program.has_source else 0
+    old = program.uncond
+
+    def replaced(u: torch.Tensor) -> torch.Tensor:
+        u = u.clone()
+        u[first:] = negative.to(u.device, u.dtype)
+        return u
+
+    if callable(old):
+        return lambda i: replaced(old(i))
+    return replaced(old)
