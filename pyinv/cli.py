@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .cli_control import CONTROL_EPILOG, add_control_args, controller_from_args
 from .errors import PyinvError
 
 PROG = "pyinv"
@@ -164,7 +165,13 @@ examples:
   pyinv edit cat.png --source "a photo of a cat" --target "a photo of a dog" --out dog.png
   pyinv invert cat.png --source "a photo of a cat" --method null-text --out cat.safetensors
   pyinv edit --inversion cat.safetensors --target "a photo of a fox" --out fox.png
+  pyinv edit cat.png --source "a photo of a cat" --target "a photo of a dog" \\
+      --blend-words "cat dog" --out dog.png
+  pyinv edit cat.png --source "a cat" --target "a cat" --control p2p --edit reweight \\
+      --reweight cat=2 --out big-cat.png
+
 """
+EDIT_EPILOG += CONTROL_EPILOG
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--save-inversion", metavar="FILE", help="also write the inversion (safetensors)")
     _add_invert_args(edit)
     _add_edit_option_args(edit)
+    add_control_args(edit, unit_float, non_negative_int)
     _add_model_args(
         edit,
         f"model preset, diffusers folder or hub id (default: {DEFAULT_MODEL}; "
@@ -494,19 +502,22 @@ def _edit_image(args: argparse.Namespace, targets: list[str]) -> int:
         if "init_prompt" in algo.invert_options:
             invert_options["init_prompt"] = targets[0]
     _check_skip(algo, edit_options, args.steps or algo.default_steps)
+    control = controller_from_args(args, algo.name)
     device, dtype = _runtime(args)
     outputs = _image_outputs(args.out, len(targets))
     saved = _inversion_output(args.save_inversion, "--save-inversion") if args.save_inversion else None
     _distinct(outputs + ([saved] if saved else []))
     image = _read_image(args.image)
     editor = load_editor(args.model or DEFAULT_MODEL, device, dtype, progress=not args.quiet)
+    if control is not None:
+        control.check_prompts(editor.model, source or "", targets)
     before = editor.model.unet_image_forwards
     inv = _invert(editor, image, args, algo, source, _inversion_guidance(args, algo), invert_options)
-    result = editor.edit(inv, targets, guidance=args.guidance, seed=args.seed, **edit_options)
+    result = editor.edit(inv, targets, guidance=args.guidance, control=control, seed=args.seed, **edit_options)
     written = _write(result.images, outputs, inv, saved)
     _summary(
         args,
-        f"edited with {algo.name} ({inv.num_steps} steps)",
+        f"edited with {algo.name}{_control_name(control)} ({inv.num_steps} steps)",
         written,
         started,
         editor.model.unet_image_forwards - before,
@@ -527,18 +538,22 @@ def _edit_inversion(args: argparse.Namespace, targets: list[str]) -> int:
     algo = get_method(inv.method)
     edit_options = _options(args, algo, EDIT_FLAGS, "edit")
     _check_skip(algo, edit_options, inv.num_steps)
+    control = controller_from_args(args, algo.name)
     device, dtype = _runtime(args)
     outputs = _image_outputs(args.out, len(targets))
     _distinct(outputs)
     model = args.model or inv.model.get("name") or DEFAULT_MODEL
     editor = load_editor(model, device, dtype, progress=not args.quiet)
     before = editor.model.unet_image_forwards
-    result = editor.edit(inv, targets, guidance=args.guidance, seed=args.seed, **edit_options)
+    result = editor.edit(inv, targets, guidance=args.guidance, control=control, seed=args.seed, **edit_options)
     written = _write(result.images, outputs, None, None)
-    _summary(
-        args, f"edited {args.inversion} ({algo.name})", written, started, editor.model.unet_image_forwards - before
-    )
+    forwards = editor.model.unet_image_forwards - before
+    _summary(args, f"edited {args.inversion} ({algo.name}{_control_name(control)})", written, started, forwards)
     return 0
+
+
+def _control_name(control) -> str:
+    return f" + {type(control).__name__}" if control is not None else ""
 
 
 def _write(images: Sequence[Image.Image], paths: Sequence[str], inv, inv_path: str | None) -> list[str]:

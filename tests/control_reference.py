@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from pyinv.control import MasaCtrl, PnP
-from pyinv.control.p2p import SELF_REPLACE_MAX_TOKENS, P2P
+from pyinv.control.p2p import P2P, SELF_REPLACE_MAX_TOKENS
 
 
 def softmax_maps(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 
 from ..errors import PyinvError
 
-_NAME = re.compile(r"^(down_blocks|up_blocks|mid_block)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(attn\d)")
+_NAME = re.compile(
+    r"^(down_blocks|up_blocks|mid_block)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(attn\d)"
+)
 _PART_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numbers
 
 from ..errors import PyinvError
-from .attention import AttentionController, AttentionLayer, sdpa
+from .attention import AttentionController, AttentionLayer, attention_layers, sdpa
 from .base import Controller
 
 #: the reference's start layer, counted over SD 1.x's 16 self-attention layers
@@ -49,6 +49,9 @@ class MasaCtrl(AttentionController, Controller):
 
     def __repr__(self) -> str:
         return f"MasaCtrl(start_step={self.start_step}, start_layer={self.start_layer})"
+
+    def check_prompts(self, model, source_prompt: str, targets: list[str]) -> None:
+        self.controlled_layers(attention_layers(model.unet, (model.latent_size, model.latent_size)))
 
     def prepare(self, model, program, source_prompt: str, targets: list[str]):
         calls = program.schedule.num_steps - program.first_step

@@ -142,11 +142,16 @@ class P2P(AttentionController, Controller):
         )
 
     # ------------------------------------------------------------------ per edit
+    def check_prompts(self, model, source_prompt: str, targets: list[str]) -> None:
+        self._token_maps(model.tokenizer, source_prompt, targets, 50)
+
     def prepare(self, model, program, source_prompt: str, targets: list[str]):
         """Token maps, windows, equaliser and blend indicators for these prompts ``(T, L, …)``."""
-        tok = model.tokenizer
+        self._token_maps(model.tokenizer, source_prompt, targets, program.schedule.num_steps)
+        return program
+
+    def _token_maps(self, tok, source_prompt: str, targets: list[str], n: int) -> None:
         length = int(tok.model_max_length)
-        n = program.schedule.num_steps
         T = len(targets)
         base = torch.zeros(T, length, length, dtype=torch.float64)
         keep = torch.ones(T, length, dtype=torch.float64)  # α: weight of the source column
@@ -175,7 +180,6 @@ class P2P(AttentionController, Controller):
                 [word_weights(tok, target, words, length, what="blend target word") for target in targets]
             )
             self.blend_start = int(self.blend.start * n)
-        return program
 
     def controlled_layers(self, layers: list[AttentionLayer]) -> list[AttentionLayer]:
         self.blend_layers: set[str] = set()
@@ -183,9 +187,7 @@ class P2P(AttentionController, Controller):
             self.blend_layers = {layer.name for layer in _blend_layers(layers, self.blend.resolution)}
         self_replace = self.self_steps[1] > self.self_steps[0]
         return [
-            layer
-            for layer in layers
-            if layer.is_cross or (self_replace and layer.tokens <= SELF_REPLACE_MAX_TOKENS)
+            layer for layer in layers if layer.is_cross or (self_replace and layer.tokens <= SELF_REPLACE_MAX_TOKENS)
         ]
 
     def install_state(self, model) -> None:
@@ -234,7 +236,8 @@ class P2P(AttentionController, Controller):
         edit = self.cross_active or self.graph_static
         if edit:
             out = sdpa(q, k, v * self._key_scale[:, None, :, None], scale)
-            out = out.index_add(0, self.target_cond, self._from_source(q, k, v.index_select(0, self.target_cond), scale))
+            from_source = self._from_source(q, k, v.index_select(0, self.target_cond), scale)
+            out = out.index_add(0, self.target_cond, from_source)
         else:
             out = sdpa(q, k, v, scale)
         if layer.name in self.blend_layers:

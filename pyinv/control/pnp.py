@@ -24,7 +24,7 @@ import dataclasses
 import torch
 
 from ..errors import PyinvError
-from .attention import AttentionController, AttentionLayer, sdpa
+from .attention import AttentionController, AttentionLayer, attention_layers, sdpa
 from .base import Controller
 from .words import check_window
 
@@ -70,6 +70,10 @@ class PnP(AttentionController, Controller):
             f"PnP(feature_steps={self.feature_steps}, attention_steps={self.attention_steps},"
             f" feature_layer={self.feature_layer!r}, negative_prompt={self.negative_prompt!r})"
         )
+
+    def check_prompts(self, model, source_prompt: str, targets: list[str]) -> None:
+        _conv2(model.unet, self.feature_layer)
+        self.controlled_layers(attention_layers(model.unet, (model.latent_size, model.latent_size)))
 
     def prepare(self, model, program, source_prompt: str, targets: list[str]):
         n = program.schedule.num_steps
