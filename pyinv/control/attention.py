@@ -254,4 +254,7 @@ class AttentionController:
         self.clear_state()
 
     def clear_state(self) -> None:
-        """Drop per-edit tensors (nothing of an edit outlives it)."""
+        """Drop the per-edit and per-step tensors (``_``-prefixed): nothing of an edit outlives it."""
+        for name, value in list(vars(self).items()):
+            if name.startswith("_") and isinstance(value, torch.Tensor):
+                setattr(self, name, None)

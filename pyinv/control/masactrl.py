@@ -78,8 +78,6 @@ class MasaCtrl(AttentionController, Controller):
         self._identity = self.rows.index(None)
         self._source_kv = self.rows.index({"uncond": "uncond", "cond": "cond"})
 
-    def clear_state(self) -> None:
-        self._identity = self._source_kv = self._kv = None
 
     def begin_step(self, step: int, timestep: int) -> None:
         self.active = step - self.first_step >= self.start_step

@@ -207,10 +207,6 @@ class P2P(AttentionController, Controller):
             self._blend_src = self.blend_source.to(dev)
             self._blend_tgt = self.blend_targets[order].to(dev)
 
-    def clear_state(self) -> None:
-        for name in ("_base", "_keep", "_eq", "_alpha_steps", "_blend_sum", "_blend_src", "_blend_tgt", "_A", "_b"):
-            setattr(self, name, None)
-        self._key_scale = None
 
     # ------------------------------------------------------------------ per step
     def begin_step(self, step: int, timestep: int) -> None:

@@ -106,8 +106,6 @@ class PnP(AttentionController, Controller):
         self._identity = self.rows.index(None)
         self._source = self.rows.index({"uncond": "uncond", "cond": "uncond"})
 
-    def clear_state(self) -> None:
-        self._identity = self._source = self._features = self._qk = None
 
     def begin_step(self, step: int, timestep: int) -> None:
         self.features_active = step < self.feature_until
