@@ -510,7 +510,7 @@ def _edit_image(args: argparse.Namespace, targets: list[str]) -> int:
     image = _read_image(args.image)
     editor = load_editor(args.model or DEFAULT_MODEL, device, dtype, progress=not args.quiet)
     if control is not None:
-        control.check_prompts(editor.model, source or "", targets)
+        control.check_prompts(editor.model, source or "", targets, args.steps or algo.default_steps)
     before = editor.model.unet_image_forwards
     inv = _invert(editor, image, args, algo, source, _inversion_guidance(args, algo), invert_options)
     result = editor.edit(inv, targets, guidance=args.guidance, control=control, seed=args.seed, **edit_options)

@@ -49,8 +49,9 @@ class Controller:
     #: source passes the controller reads: any of {"uncond", "cond"}
     reads_source: frozenset[str] = frozenset()
 
-    def check_prompts(self, model, source_prompt: str, targets: list[str]) -> None:
-        """Fail early (before any UNet work) when the prompts do not suit the controller."""
+    def check_prompts(self, model, source_prompt: str, targets: list[str], num_steps: int | None = None) -> None:
+        """Fail early (before any UNet work) when the prompts (or the step count, when
+        known) do not suit the controller."""
 
     def prepare(self, model, program, source_prompt: str, targets: list[str]):
         """Check the edit's prompts and build what the controller needs; returns the program."""

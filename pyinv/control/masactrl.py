@@ -50,14 +50,18 @@ class MasaCtrl(AttentionController, Controller):
     def __repr__(self) -> str:
         return f"MasaCtrl(start_step={self.start_step}, start_layer={self.start_layer})"
 
-    def check_prompts(self, model, source_prompt: str, targets: list[str]) -> None:
+    def check_prompts(self, model, source_prompt: str, targets: list[str], num_steps: int | None = None) -> None:
         self.controlled_layers(attention_layers(model.unet, (model.latent_size, model.latent_size)))
+        if num_steps is not None:
+            self._check_calls(num_steps)
 
     def prepare(self, model, program, source_prompt: str, targets: list[str]):
-        calls = program.schedule.num_steps - program.first_step
+        self._check_calls(program.schedule.num_steps - program.first_step)
+        return program
+
+    def _check_calls(self, calls: int) -> None:
         if self.start_step >= calls:
             raise PyinvError(f"MasaCtrl start_step {self.start_step} leaves nothing to control in a {calls}-step edit")
-        return program
 
     def resolved_start_layer(self, num_self_layers: int) -> int:
         if self.start_layer is not None:
@@ -77,7 +81,6 @@ class MasaCtrl(AttentionController, Controller):
     def install_state(self, model) -> None:
         self._identity = self.rows.index(None)
         self._source_kv = self.rows.index({"uncond": "uncond", "cond": "cond"})
-
 
     def begin_step(self, step: int, timestep: int) -> None:
         self.active = step - self.first_step >= self.start_step

@@ -142,8 +142,8 @@ class P2P(AttentionController, Controller):
         )
 
     # ------------------------------------------------------------------ per edit
-    def check_prompts(self, model, source_prompt: str, targets: list[str]) -> None:
-        self._token_maps(model.tokenizer, source_prompt, targets, 50)
+    def check_prompts(self, model, source_prompt: str, targets: list[str], num_steps: int | None = None) -> None:
+        self._token_maps(model.tokenizer, source_prompt, targets, num_steps or 50)
 
     def prepare(self, model, program, source_prompt: str, targets: list[str]):
         """Token maps, windows, equaliser and blend indicators for these prompts ``(T, L, …)``."""
@@ -206,7 +206,6 @@ class P2P(AttentionController, Controller):
         if self.blend is not None:
             self._blend_src = self.blend_source.to(dev)
             self._blend_tgt = self.blend_targets[order].to(dev)
-
 
     # ------------------------------------------------------------------ per step
     def begin_step(self, step: int, timestep: int) -> None:

@@ -71,7 +71,7 @@ class PnP(AttentionController, Controller):
             f" feature_layer={self.feature_layer!r}, negative_prompt={self.negative_prompt!r})"
         )
 
-    def check_prompts(self, model, source_prompt: str, targets: list[str]) -> None:
+    def check_prompts(self, model, source_prompt: str, targets: list[str], num_steps: int | None = None) -> None:
         _conv2(model.unet, self.feature_layer)
         self.controlled_layers(attention_layers(model.unet, (model.latent_size, model.latent_size)))
 
@@ -105,7 +105,6 @@ class PnP(AttentionController, Controller):
     def install_state(self, model) -> None:
         self._identity = self.rows.index(None)
         self._source = self.rows.index({"uncond": "uncond", "cond": "uncond"})
-
 
     def begin_step(self, step: int, timestep: int) -> None:
         self.features_active = step < self.feature_until
