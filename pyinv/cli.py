@@ -592,6 +592,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
         if aliases:
             details.append("aliases " + ", ".join(aliases))
         print(f"{'':<{width}}{'; '.join(details)}")
+    print()
+    print("attention control (pyinv edit --control):")
+    for line in CONTROL_EPILOG.splitlines()[1:]:
+        print(line)
     return 0
 
 

@@ -273,8 +273,15 @@ def test_edit_friendly_with_skip(images, tmp_path):
 
 def test_methods_lists_every_method(capsys):
     assert cli.main(["methods"]) == 0
-    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line and not line[0].isspace()]
+    methods, controls = capsys.readouterr().out.split("\n\n")
+    listed = [line.split()[0] for line in methods.splitlines() if line and not line[0].isspace()]
     assert listed == list(METHODS)
+    assert [line.split()[0] for line in controls.splitlines()[1:] if line.startswith("  ") and line[2] != " "] == [
+        "none",
+        "p2p",
+        "masactrl",
+        "pnp",
+    ]
 
 
 def test_info_json(capsys):

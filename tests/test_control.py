@@ -310,5 +310,13 @@ def test_clear_errors_at_construction(make, message):
         make()
 
 
+def test_pie_bench_preset_edits(editor_v, inv_v):
+    control = P2P.pie_bench("ball", "cube")
+    assert (control.edit, control.cross_replace, control.self_replace) == ("refine", 0.4, 0.6)
+    assert control.reweight == {"cube": 2.0} and control.blend.source_words == ("ball",)
+    out = editor_v.edit(inv_v, TGT, control=control)
+    assert out.unet_image_forwards == 3 * STEPS and torch.isfinite(out.latents).all()
+
+
 def test_controllers_are_exported_at_top_level():
     assert pyinv.P2P is P2P and pyinv.MasaCtrl is MasaCtrl and pyinv.PnP is PnP and pyinv.LocalBlend is LocalBlend

@@ -135,6 +135,20 @@ class P2P(AttentionController, Controller):
         self.blend = blend
         self.graph_static = bool(graph_static)
 
+    @classmethod
+    def pie_bench(cls, source_word: str, target_word: str, graph_static: bool = False) -> P2P:
+        """The P2P settings of PnP-Inversion's PIE-Bench runs: refine, cross-attention window
+        0.4, self-attention window 0.6, LocalBlend on the edited words, and the target's
+        edited word reweighted ×2."""
+        return cls(
+            edit="refine",
+            cross_replace=0.4,
+            self_replace=0.6,
+            reweight={target_word: 2.0},
+            blend=LocalBlend(source_word, target_word),
+            graph_static=graph_static,
+        )
+
     def __repr__(self) -> str:
         return (
             f"P2P(edit={self.edit!r}, cross_replace={self.cross_replace!r}, self_replace={self.self_replace!r},"
