@@ -254,7 +254,8 @@ class AttentionController:
         self.clear_state()
 
     def clear_state(self) -> None:
-        """Drop the per-edit and per-step tensors (``_``-prefixed): nothing of an edit outlives it."""
+        """Drop the edit's device and per-step tensors (``_``-prefixed). What :meth:`prepare`
+        built from the prompts (small CPU token maps) stays until the next edit."""
         for name, value in list(vars(self).items()):
             if name.startswith("_") and isinstance(value, torch.Tensor):
                 setattr(self, name, None)
