@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import platform
 import sys
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .argtypes import non_negative_float, non_negative_int, positive_int, unit_float
 from .cli_control import CONTROL_EPILOG, add_control_args, controller_from_args
 from .errors import PyinvError
 
@@ -67,51 +67,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(f"{message} (see '{self.prog} --help')")
-
-
-# ---------------------------------------------------------------------- argument types
-def positive_int(text: str) -> int:
-    """argparse type: an integer > 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer ≥ 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite number ≥ 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {text!r}")
-    return value
-
-
-def unit_float(text: str) -> float:
-    """argparse type: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return value
 
 
 # ---------------------------------------------------------------------- parser
@@ -219,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--save-inversion", metavar="FILE", help="also write the inversion (safetensors)")
     _add_invert_args(edit)
     _add_edit_option_args(edit)
-    add_control_args(edit, unit_float, non_negative_int)
+    add_control_args(edit)
     _add_model_args(
         edit,
         f"model preset, diffusers folder or hub id (default: {DEFAULT_MODEL}; "

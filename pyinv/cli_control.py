@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from .argtypes import non_negative_int, unit_float
 from .errors import PyinvError
 
 CONTROL_CHOICES = ("none", "p2p", "masactrl", "pnp")
@@ -37,7 +38,7 @@ attention control (--control, default p2p; none for edict):
 """
 
 
-def add_control_args(p: argparse.ArgumentParser, unit_float, non_negative_int) -> None:
+def add_control_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("attention control")
     g.add_argument("--control", choices=CONTROL_CHOICES, help="attention controller (default: p2p; none for edict)")
     g.add_argument("--edit", dest="edit_mode", choices=EDIT_CHOICES, help="p2p: the edit (default refine)")
