@@ -457,7 +457,7 @@ def _edit_image(args: argparse.Namespace, targets: list[str]) -> int:
         if "init_prompt" in algo.invert_options:
             invert_options["init_prompt"] = targets[0]
     _check_skip(algo, edit_options, args.steps or algo.default_steps)
-    control = controller_from_args(args, algo.name)
+    control = controller_from_args(args, algo)
     device, dtype = _runtime(args)
     outputs = _image_outputs(args.out, len(targets))
     saved = _inversion_output(args.save_inversion, "--save-inversion") if args.save_inversion else None
@@ -493,7 +493,7 @@ def _edit_inversion(args: argparse.Namespace, targets: list[str]) -> int:
     algo = get_method(inv.method)
     edit_options = _options(args, algo, EDIT_FLAGS, "edit")
     _check_skip(algo, edit_options, inv.num_steps)
-    control = controller_from_args(args, algo.name)
+    control = controller_from_args(args, algo)
     device, dtype = _runtime(args)
     outputs = _image_outputs(args.out, len(targets))
     _distinct(outputs)

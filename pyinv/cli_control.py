@@ -125,18 +125,18 @@ def _blend_words(text: str) -> tuple[list[str], list[str]]:
     return parts[0].split(","), parts[1].split(",")
 
 
-def controller_from_args(args: argparse.Namespace, method_name: str):
+def controller_from_args(args: argparse.Namespace, method):
     """The controller ``pyinv edit`` asked for (``None`` for prompt swap); checks the knobs."""
     from .control import P2P, LocalBlend, MasaCtrl, PnP
 
-    control = args.control or ("none" if method_name == "edict" else "p2p")
+    control = args.control or ("p2p" if method.takes_control else "none")
     for name, (flag, owner) in KNOBS.items():
         if getattr(args, name, None) is not None and owner != control:
             raise PyinvError(f"{flag} applies to --control {owner}, not {control}")
     if control == "none":
         return None
-    if method_name == "edict":
-        raise PyinvError("edict runs its own coupled loop and takes no attention control (use --control none)")
+    if not method.takes_control:
+        raise PyinvError(f"{method.name} runs its own coupled loop and takes no attention control (use --control none)")
     if control == "p2p":
         blend = None
         if args.blend_words is not None:

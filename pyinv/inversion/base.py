@@ -44,6 +44,8 @@ class Method:
     default_inversion_guidance: ClassVar[float | None] = None
     default_schedule: ClassVar[str] = "reference"
     needs_source_prompt: ClassVar[bool] = True
+    #: whether edits take an attention controller (EDICT's coupled loop does not)
+    takes_control: ClassVar[bool] = True
     invert_options: ClassVar[dict[str, Any]] = {}
     edit_options: ClassVar[dict[str, Any]] = {}
 

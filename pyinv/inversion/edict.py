@@ -166,6 +166,7 @@ class EDICTInversion(Method):
     summary = "EDICT: two coupled latent sequences, exactly invertible affine coupling steps"
     default_steps = 50
     default_guidance = 3.0
+    takes_control = False
     invert_options = {"mixing": 0.93, "leapfrog": True, "strength": 0.8}
 
     def invert(
