@@ -198,7 +198,9 @@ class P2P(AttentionController, Controller):
     def controlled_layers(self, layers: list[AttentionLayer]) -> list[AttentionLayer]:
         self.blend_layers: set[str] = set()
         if self.blend is not None:
-            self.blend_layers = {layer.name for layer in _blend_layers(layers, self.blend.resolution)}
+            chosen = _blend_layers(layers, self.blend.resolution)
+            self.blend_layers = {layer.name for layer in chosen}
+            self.blend_size = chosen[0].size  # all chosen layers share it
         self_replace = self.self_steps[1] > self.self_steps[0]
         return [
             layer for layer in layers if layer.is_cross or (self_replace and layer.tokens <= SELF_REPLACE_MAX_TOKENS)
@@ -281,11 +283,7 @@ class P2P(AttentionController, Controller):
     def blend_mask(self, step: int) -> torch.Tensor | None:
         if self.blend is None or step - self.first_step < self.blend_start or self._blend_sum is None:
             return None
-        return blend_mask_from_maps(self._blend_sum, self._map_size(), self.latent_size, self.blend.threshold)
-
-    def _map_size(self) -> tuple[int, int]:
-        layer = next(x for x in self.layers if x.name in self.blend_layers)
-        return layer.size
+        return blend_mask_from_maps(self._blend_sum, self.blend_size, self.latent_size, self.blend.threshold)
 
 
 def blend_mask_from_maps(maps: torch.Tensor, size: tuple[int, int], latent_size, threshold: float) -> torch.Tensor:
