@@ -236,9 +236,8 @@ class AttentionController:
         self.num_steps = program.schedule.num_steps
         self.first_step = program.first_step
         self.latent_size = tuple(int(s) for s in program.start.shape[-2:])
-        self.layers = attention_layers(model.unet, self.latent_size)
         self.install_state(model)
-        chosen = self.controlled_layers(self.layers)
+        chosen = self.controlled_layers(attention_layers(model.unet, self.latent_size))
         self._saved = install(model.unet, {layer.name: ControlledAttention(self, layer) for layer in chosen})
         self._hooks = [module.register_forward_hook(fn) for module, fn in self.forward_hooks(model.unet)]
 
