@@ -201,6 +201,34 @@ class Editor:
         """
         return self._edit(inversion, [], guidance, None, True, None, **options)
 
+    # ------------------------------------------------------------------ generate
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        seed: int | Sequence[int] = 0,
+        steps: int = 50,
+        guidance: float = 7.5,
+        negative_prompt: str = "",
+    ) -> list[Image.Image]:
+        """Sample images from text (DDIM, classifier-free guidance): one per prompt.
+
+        ``seed`` is one seed for every prompt or one per prompt; an image depends only on
+        its prompt and seed (see :mod:`pyinv.generate`). Useful to make source images.
+        """
+        from .generate import sample
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        for k, text in enumerate(prompts):
+            _check_prompt(text, "prompt" if len(prompts) == 1 else f"prompt {k + 1}")
+        seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+            raise PyinvError(f"steps must be a positive integer, got {steps!r}")
+        _check_prompt(negative_prompt, "negative prompt", allow_empty=True)
+        latents = sample(
+            self.model, prompts, seeds, steps, _check_guidance(guidance), negative_prompt, progress=self.progress
+        )
+        return self.decode(latents)
+
     # ------------------------------------------------------------------ files
     def load_inversion(self, path: str | os.PathLike) -> Inversion:
         """Load an inversion file made with this editor's model (else a clear error)."""

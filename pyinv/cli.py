@@ -1,4 +1,4 @@
-"""The ``pyinv`` command line: ``edit``, ``invert``, ``methods`` and ``info``.
+"""The ``pyinv`` command line: ``edit``, ``invert``, ``generate``, ``eval``, ``methods`` and ``info``.
 
 Every user mistake (bad arguments, unreadable image, unknown model or method, an
 inversion file from another model, an unwritable output, Ctrl-C) ends as exactly one line
@@ -29,10 +29,11 @@ from PIL import Image
 
 from .argtypes import non_negative_float, non_negative_int, positive_int, unit_float
 from .cli_control import CONTROL_EPILOG, add_control_args, controller_from_args
+from .cli_eval import add_eval_parser
 from .errors import PyinvError
 
 PROG = "pyinv"
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "demo"
 DEFAULT_METHOD = "direct"
 SCHEDULES = ("reference", "checkpoint")
 FORMS = ("pinned", "offsets")
@@ -201,6 +202,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(inv, f"model preset, diffusers folder or hub id (default: {DEFAULT_MODEL})")
     inv.set_defaults(func=cmd_invert)
 
+    gen = sub.add_parser(
+        "generate",
+        help="sample an image from a text prompt (e.g. to make a source image)",
+        description="Sample images from PROMPT with DDIM and classifier-free guidance. An image "
+        "depends only on the model, prompt, seed, steps and guidance.",
+        epilog='examples:\n  pyinv generate "a red circle on a blue background" --out red-circle.png\n'
+        '  pyinv generate "a green square on a white background" --seed 3 --count 4 --out square.png',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gen.add_argument("prompt", metavar="PROMPT", help="what to draw")
+    gen.add_argument("--out", metavar="PATH", required=True, help="output image (numbered with --count > 1)")
+    gen.add_argument("--steps", type=positive_int, default=50, metavar="N", help="sampling steps (default 50)")
+    gen.add_argument(
+        "--guidance", type=non_negative_float, default=7.5, metavar="W", help="classifier-free guidance (default 7.5)"
+    )
+    gen.add_argument("--negative-prompt", metavar="TEXT", default="", help="unconditional prompt (default empty)")
+    gen.add_argument(
+        "--count", type=positive_int, default=1, metavar="N", help="images to sample, with seeds SEED … SEED+N−1"
+    )
+    _add_model_args(gen, f"model preset, diffusers folder or hub id (default: {DEFAULT_MODEL})")
+    gen.set_defaults(func=cmd_generate)
+
+    add_eval_parser(sub, _add_model_args)
+
     methods = sub.add_parser("methods", help="list the inversion methods", description="List the inversion methods.")
     methods.set_defaults(func=cmd_methods)
 
@@ -335,11 +360,15 @@ def _quiet_libraries() -> Iterator[None]:
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
     hub_logger.setLevel(logging.ERROR)  # e.g. its retry notices while the hub is unreachable
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # its "Loading weights" bar
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
         diffusers_logging.set_verbosity(levels[0])
         transformers_logging.set_verbosity(levels[1])
         hub_logger.setLevel(levels[2])
@@ -523,6 +552,25 @@ def _write(images: Sequence[Image.Image], paths: Sequence[str], inv, inv_path: s
             inv.save(inv_path)
             written.append(inv_path)
     return written
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """``pyinv generate``: text-to-image samples."""
+    started = time.perf_counter()
+    prompt = _prompt(args.prompt, "PROMPT")
+    device, dtype = _runtime(args)
+    outputs = _image_outputs(args.out, args.count)
+    seed = 0 if args.seed is None else args.seed
+    editor = load_editor(args.model or DEFAULT_MODEL, device, dtype, progress=not args.quiet)
+    before = editor.model.unet_image_forwards
+    seeds = list(range(seed, seed + args.count))
+    images = editor.generate(
+        [prompt] * args.count, seeds, steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt
+    )
+    written = _write(images, outputs, None, None)
+    what = f"generated {args.count} image{'s' if args.count > 1 else ''} ({args.steps} steps, seed {seed})"
+    _summary(args, what, written, started, editor.model.unet_image_forwards - before)
+    return 0
 
 
 def cmd_methods(args: argparse.Namespace) -> int:

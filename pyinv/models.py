@@ -253,7 +253,7 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     image_size: int | None = None,
 ) -> DiffusionModel:
-    """Load a preset (``tiny``, ``tiny-v``, ``tiny-pixel``, ``sd15-arch``), a local diffusers
+    """Load a preset (``demo``, ``tiny``, ``tiny-v``, ``tiny-pixel``, ``sd15-arch``), a local diffusers
     Stable Diffusion folder, or a hub id (downloaded by diffusers, cached as usual)."""
     dev = parse_device(device)
     dt = parse_dtype(dtype)

@@ -1,5 +1,8 @@
-"""Built-in model presets: small random-weight models built from configs, offline.
+"""Built-in model presets, all offline: the trained demo model and small random-weight models.
 
+- ``demo``: a small text-to-image model of the shapes world (``"a red circle on a blue
+  background"``), 32×32 pixels, trained by :mod:`pyinv.shapes.train`; its weights ship
+  with pyinv. The default model of the command line: edits with it are real edits.
 - ``tiny``: a few-hundred-kilobyte latent diffusion model (UNet2DConditionModel,
   AutoencoderKL, CLIPTextModel) with a tokenizer written locally from a small vocabulary.
   Random weights (seeded, so every build is identical); for tests and smoke runs.
@@ -14,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -57,16 +60,18 @@ def _byte_alphabet() -> list[str]:
     return sorted(ByteLevel.alphabet())
 
 
-def write_tiny_tokenizer(folder: str) -> None:
-    """Write a CLIP BPE tokenizer (``vocab.json`` + ``merges.txt``) for :data:`TINY_WORDS`.
+def write_tiny_tokenizer(folder: str, words: Sequence[str] = TINY_WORDS) -> None:
+    """Write a CLIP BPE tokenizer (``vocab.json`` + ``merges.txt``) that knows ``words``
+    (default :data:`TINY_WORDS`) as whole tokens.
 
     The vocabulary holds every byte symbol (alone and word-final), every whole word and the
-    prefixes its left-to-right merges create, then the start/end tokens.
+    prefixes its left-to-right merges create, then the start/end tokens. Other text falls
+    back to those symbols, as CLIP's tokenizer does for rare words.
     """
     chars = _byte_alphabet()
     vocab: dict[str, None] = dict.fromkeys(chars + [c + "</w>" for c in chars])
     merges: dict[str, None] = {}
-    for word in TINY_WORDS:
+    for word in words:
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         while len(pieces) > 1:
             merges[f"{pieces[0]} {pieces[1]}"] = None
@@ -82,12 +87,12 @@ def write_tiny_tokenizer(folder: str) -> None:
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def tiny_tokenizer():
-    """The tiny CLIP tokenizer, written to a temporary folder and loaded from it."""
+def tiny_tokenizer(words: Sequence[str] = TINY_WORDS):
+    """A CLIP tokenizer over ``words``, written to a temporary folder and loaded from it."""
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory(prefix="pyinv-tok-") as folder:
-        write_tiny_tokenizer(folder)
+        write_tiny_tokenizer(folder, words)
         return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
 
 
@@ -195,7 +200,27 @@ def build_sd15_arch() -> dict[str, Any]:
     }
 
 
+#: where the demo model's trained weights live (a diffusers folder shipped in the package)
+DEMO_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes", "demo")
+
+
+def load_demo() -> dict[str, Any]:
+    """The demo model (:mod:`pyinv.shapes`): trained weights shipped with pyinv, loaded offline."""
+    from .errors import PyinvError
+    from .models import _load_diffusers
+
+    if not os.path.isfile(os.path.join(DEMO_FOLDER, "unet", "config.json")):
+        raise PyinvError(
+            f"the demo model's weights are missing from {DEMO_FOLDER}; reinstall pyinv or train them "
+            "(python -m pyinv.shapes.train, see the README)"
+        )
+    parts = _load_diffusers(DEMO_FOLDER)
+    parts["image_size"] = 32
+    return parts
+
+
 PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
+    "demo": load_demo,
     "tiny": build_tiny,
     "tiny-v": lambda: build_tiny(prediction_type="v_prediction"),
     "tiny-pixel": lambda: build_tiny(pixel=True),

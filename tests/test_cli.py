@@ -41,6 +41,12 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True)
+def tiny_default(monkeypatch):
+    """These tests run on the tiny model (the demo default has its own tests)."""
+    monkeypatch.setattr(cli, "DEFAULT_MODEL", "tiny")
+
+
+@pytest.fixture(autouse=True)
 def offline(monkeypatch):
     """Nothing may try the network (hub ids that do not exist must fail fast)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

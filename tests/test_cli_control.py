@@ -17,6 +17,12 @@ TGT = "a photo of a blue cube"
 FAST = ["--steps", "4"]
 
 
+@pytest.fixture(autouse=True)
+def tiny_default(monkeypatch):
+    """These tests run on the tiny model (the demo default has its own tests)."""
+    monkeypatch.setattr(cli, "DEFAULT_MODEL", "tiny")
+
+
 @pytest.fixture(scope="module")
 def image_path(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("img") / "ball.png"

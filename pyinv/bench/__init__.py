@@ -1,0 +1,1 @@
+"""Evaluation and benchmarking: image metrics and the benchmark sets."""

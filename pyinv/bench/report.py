@@ -1,0 +1,57 @@
+"""Provenance and atomic writing of benchmark reports (JSON, markdown)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from collections.abc import Sequence
+from typing import Any
+
+from ..imageio import atomic_path
+
+
+def git_commit() -> str | None:
+    """The commit of the source tree pyinv runs from, when it is a git checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def provenance(device) -> dict[str, Any]:
+    """Device, library versions and commit, for every written report."""
+    import torch
+
+    from ..cli import environment
+
+    info = environment()
+    name = torch.cuda.get_device_name(device) if getattr(device, "type", str(device)) == "cuda" else "cpu"
+    return {"device": name, "threads": torch.get_num_threads(), "commit": git_commit(), "versions": info}
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/inf: they become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(_finite(payload), f, indent=2)
+        f.write("\n")
+
+
+def write_text(path: str, lines: Sequence[str]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
