@@ -7,7 +7,8 @@ with pixels in ``[0, 1]``:
 
 - PSNR: ``10 log10(1 / MSE)`` (``data_range = 1``), in dB;
 - MSE: the mean of squared differences over all pixels and channels (PIE-Bench reports ×10⁴);
-- SSIM: Gaussian-window SSIM (``data_range = 1``; PIE-Bench reports ×10²).
+- SSIM: Gaussian-window SSIM (``data_range = 1``, 11×11, σ = 1.5; PIE-Bench reports ×10²),
+  computed in float64.
 
 The masked-out region counts as identical in both images, so these are the reference's
 numbers, not per-pixel averages over the kept region only. Images are ``(N, 3, H, W)``
@@ -66,5 +67,7 @@ def masked_ssim(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | N
     """Per-image SSIM ``(N,)`` of the masked images (11×11 Gaussian window, σ = 1.5)."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    p, t = _masked(pred, target, keep)
-    return structural_similarity_index_measure(p, t, data_range=1.0, reduction="none")
+    p, t = _masked(pred.double(), target.double(), keep)
+    # float64: SSIM's variances are differences of means, which cancel badly in float32 on
+    # flat images (identical flat images would score 0.999 instead of 1)
+    return structural_similarity_index_measure(p, t, data_range=1.0, reduction="none").to(pred.dtype)

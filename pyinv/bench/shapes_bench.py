@@ -193,8 +193,10 @@ class CaseResult:
     read_as: str = ""
 
 
-def score(case: EditCase, edited: Image.Image) -> dict[str, float | bool | str]:
-    """Metrics of one edited image (see the module docstring)."""
+def score(case: EditCase, edited: Image.Image | np.ndarray) -> dict[str, float | bool | str]:
+    """Metrics of one edited image (PIL or uint8 ``(H, W, 3)``; see the module docstring)."""
+    if isinstance(edited, np.ndarray):
+        edited = Image.fromarray(edited)
     side = edited.size[0]
     source = to_unit_tensor(case.image(side))
     result = to_unit_tensor(edited)
