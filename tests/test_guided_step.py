@@ -1,0 +1,271 @@
+"""The fused step op: every implementation against an fp64 evaluation of the reference.
+
+Tolerance rule (DESIGN.md): ``max|impl(x) − ref64(x)| ≤ 2·max|ref(x) − ref64(x)| + floor``
+where ``ref`` is the reference in the same dtype as ``impl`` and ``ref64`` the reference on
+the same (already rounded) inputs in float64; ``floor`` is a few ulps of the dtype at the
+result's scale. The Triton kernel runs under ``TRITON_INTERPRET=1`` in a subprocess (the
+flag must be set before ``triton`` is imported, and this session has imported pyinv already):
+that subprocess runs this file as a script and reports the errors as JSON.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SHAPES = [(3, 4, 7, 9), (1, 3, 32, 32), (5, 4, 64, 64)]
+#: (noise, offset, pin, blend): every combination
+FLAGS = list(itertools.product((False, True), repeat=4))
+#: the interpreter is slow: Triton runs every combination on the small shapes only
+TRITON_SHAPES = [(3, 4, 7, 9), (2, 3, 5, 33)]
+TRITON_BIG = (5, 4, 64, 64)
+
+
+def flag_id(flags) -> str:
+    names = [n for n, on in zip(("noise", "offset", "pin", "blend"), flags, strict=True) if on]
+    return "+".join(names) or "plain"
+
+
+def case_id(shape, dtype: str, v_pred: bool, flags) -> str:
+    return f"{'x'.join(map(str, shape))}-{dtype}-{'v' if v_pred else 'eps'}-{flag_id(flags)}"
+
+
+def make_case(shape, dtype: torch.dtype, v_pred: bool, flags, seed: int = 0):
+    """Arguments of one call (no zeros anywhere: random maps, guidance ≠ 0, 1)."""
+    noise_on, offset_on, pin_on, blend_on = flags
+    g = torch.Generator().manual_seed(seed)
+    B, C, H, W = shape
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g).to(dtype)
+
+    kw = dict(v_prediction=v_pred, sigma=0.0)
+    if noise_on:
+        kw.update(sigma=0.35, noise=rnd(*shape))
+    if offset_on:
+        kw["offset"] = 0.1 * rnd(*shape)
+    if pin_on:
+        kw["pin"] = rnd(*shape)
+        kw["pin_mask"] = torch.arange(B) % 2 == 0  # row 0 pinned, as the loop does
+    if blend_on:
+        m = torch.rand(B, 1, H, W, generator=g)
+        kw["blend_mask"] = torch.where(m < 0.3, 0.0, torch.where(m > 0.7, 1.0, m)).to(dtype)
+    guidance = torch.linspace(1.0, 7.5, B).to(dtype)
+    return (rnd(*shape), rnd(*shape), rnd(*shape), guidance, 0.42, 0.71), kw
+
+
+def _double(x):
+    return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def errors(fn, args, kw) -> tuple[float, float, float]:
+    """``(error of fn, error of the same-dtype reference, floor)`` against fp64."""
+    from pyinv.kernels.guided_step import guided_step_reference
+
+    exact = guided_step_reference(*map(_double, args), **{k: _double(v) for k, v in kw.items()})
+    out = fn(*args, **kw)
+    ref = guided_step_reference(*args, **kw)
+    assert out.shape == exact.shape and out.dtype == args[0].dtype
+    err = (out.double() - exact).abs().max().item()
+    err_ref = (ref.double() - exact).abs().max().item()
+    floor = 2 * torch.finfo(args[0].dtype).eps * max(exact.abs().max().item(), 1.0)
+    return err, err_ref, floor
+
+
+def within_rule(err: float, err_ref: float, floor: float) -> bool:
+    return err <= 2 * err_ref + floor
+
+
+# ----------------------------------------------------------------------------------------
+# in-process implementations: the reference (and the C++ op when built)
+# ----------------------------------------------------------------------------------------
+
+
+def _cpp_built() -> bool:
+    """A file check only: the extension is loaded by the first test that uses it."""
+    from pyinv import ops
+
+    return ops._extension_present()
+
+
+IN_PROCESS = ["reference", pytest.param("cpp", marks=pytest.mark.skipif(not _cpp_built(), reason="pyinv._C not built"))]
+
+
+@pytest.mark.parametrize("impl", IN_PROCESS)
+@pytest.mark.parametrize("flags", FLAGS, ids=flag_id)
+@pytest.mark.parametrize("v_pred", [False, True], ids=["eps", "v"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_in_process_impl_matches_fp64_reference(impl, shape, dtype, v_pred, flags):
+    from pyinv.ops import IMPLEMENTATIONS
+
+    args, kw = make_case(shape, DTYPES[dtype], v_pred, flags)
+    err, err_ref, floor = errors(IMPLEMENTATIONS["guided_step"][impl], args, kw)
+    assert within_rule(err, err_ref, floor), (err, err_ref, floor)
+
+
+def test_reference_float64_keeps_float64_math():
+    from pyinv.kernels.guided_step import guided_step_reference
+
+    args, kw = make_case((2, 3, 5, 6), torch.float64, True, (True, True, True, True))
+    out = guided_step_reference(*args, **kw)
+    assert out.dtype == torch.float64
+    half = guided_step_reference(*(a.float() if isinstance(a, torch.Tensor) else a for a in args), **kw)
+    assert (out - half.double()).abs().max() > 0  # fp32 math would have rounded
+
+
+def test_op_matches_reference_with_loop_style_arguments():
+    """Expanded (stride-0) pin and noise, a pin without a mask, a non-contiguous input."""
+    from pyinv import ops
+    from pyinv.kernels.guided_step import guided_step_reference
+
+    args, kw = make_case((3, 4, 6, 5), torch.float32, False, (True, True, True, True))
+    kw["pin"] = kw["pin"][:1].expand(3, 4, 6, 5)
+    kw["noise"] = kw["noise"][1:2].expand(3, 4, 6, 5)
+    z = args[0].transpose(2, 3).contiguous().transpose(2, 3)  # same values, not contiguous
+    args = (z, *args[1:])
+    for extra in ({}, {"pin_mask": None}):
+        k = {**kw, **extra}
+        out = ops.guided_step(*args, **k)
+        assert out.is_contiguous()
+        torch.testing.assert_close(out, guided_step_reference(*args, **k), rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# the custom op: opcheck, torch.compile, dispatch
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags", [(False,) * 4, (True,) * 4], ids=flag_id)
+def test_opcheck(flags):
+    import pyinv.ops  # noqa: F401  (registers the op)
+
+    args, kw = make_case((3, 4, 5, 7), torch.float32, True, flags)
+    full = (*args, kw["v_prediction"], kw["sigma"]) + tuple(
+        kw.get(k) for k in ("noise", "offset", "pin", "pin_mask", "blend_mask")
+    )
+    torch.library.opcheck(torch.ops.pyinv.guided_step.default, full)
+
+
+def test_compile_fullgraph_has_no_graph_break():
+    from pyinv import ops
+
+    args, kw = make_case((2, 4, 6, 6), torch.float32, False, (True, True, True, True))
+
+    def step(z, u, c, w, noise, offset, pin, pin_mask, blend_mask):
+        out = ops.guided_step(z, u, c, w, 0.42, 0.71, False, 0.35, noise, offset, pin, pin_mask, blend_mask)
+        return out * 2.0
+
+    tensors = (*args[:4], *(kw[k] for k in ("noise", "offset", "pin", "pin_mask", "blend_mask")))
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*tensors), step(*tensors))
+
+
+def test_dispatch_choice_and_override(monkeypatch):
+    from pyinv import ops
+
+    try:
+        monkeypatch.delenv(ops.ENV_IMPL, raising=False)
+        ops.reset_dispatch()
+        info = ops.availability()["guided_step"]
+        assert info["available"]["reference"] is True
+        assert info["active"]["cpu"] in ("reference", "cpp")
+        assert info["active"]["cuda"] == ("triton" if info["available"]["triton"] else "reference")
+        monkeypatch.setenv(ops.ENV_IMPL, "reference")
+        ops.reset_dispatch()
+        assert ops.availability()["guided_step"]["active"] == {"cpu": "reference", "cuda": "reference"}
+        monkeypatch.setenv(ops.ENV_IMPL, "nonsense")
+        ops.reset_dispatch()
+        assert ops.availability()["guided_step"]["active"]["cpu"].startswith("error:")
+        with pytest.raises(RuntimeError, match="unknown implementation"):
+            ops.active("cpu")
+        monkeypatch.setenv(ops.ENV_IMPL, "cpp")
+        ops.reset_dispatch()
+        with pytest.raises(RuntimeError, match="cpu only"):
+            ops.active("cuda")
+    finally:
+        monkeypatch.delenv(ops.ENV_IMPL, raising=False)
+        ops.reset_dispatch()
+
+
+# ----------------------------------------------------------------------------------------
+# Triton, interpreted on CPU in a subprocess
+# ----------------------------------------------------------------------------------------
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="the triton package is not installed")
+
+TRITON_CASES = [
+    (shape, dtype, v_pred, flags)
+    for shape in TRITON_SHAPES
+    for dtype in DTYPES
+    for v_pred in (False, True)
+    for flags in FLAGS
+] + [(TRITON_BIG, dtype, True, (True,) * 4) for dtype in DTYPES]
+
+
+def _triton_report() -> dict:
+    """Run in the subprocess: errors of every Triton case, opcheck and a compiled call."""
+    from pyinv import ops
+    from pyinv.kernels.guided_step import guided_step_triton
+
+    report = {"cases": {}}
+    for shape, dtype, v_pred, flags in TRITON_CASES:
+        args, kw = make_case(shape, DTYPES[dtype], v_pred, flags)
+        report["cases"][case_id(shape, dtype, v_pred, flags)] = errors(guided_step_triton, args, kw)
+    # loop-style arguments: expanded pin, no pin mask, a non-contiguous input
+    args, kw = make_case((3, 4, 6, 5), torch.float32, False, (True, True, True, True))
+    kw["pin"], kw["pin_mask"] = kw["pin"][:1].expand(3, 4, 6, 5), None
+    args = (args[0].transpose(2, 3).contiguous().transpose(2, 3), *args[1:])
+    report["cases"]["loop-style"] = errors(guided_step_triton, args, kw)
+    # the custom op dispatching to Triton on CPU
+    assert ops.active("cpu") == "triton"
+    args, kw = make_case((3, 4, 5, 7), torch.float32, True, (True,) * 4)
+    full = (*args, kw["v_prediction"], kw["sigma"]) + tuple(
+        kw.get(k) for k in ("noise", "offset", "pin", "pin_mask", "blend_mask")
+    )
+    torch.library.opcheck(torch.ops.pyinv.guided_step.default, full)
+    compiled = torch.compile(lambda *a: torch.ops.pyinv.guided_step(*a) + 1.0, fullgraph=True, backend="aot_eager")
+    report["op_vs_reference"] = (compiled(*full) - 1.0 - ops.guided_step_reference(*full)).abs().max().item()
+    return report
+
+
+@pytest.fixture(scope="module")
+def triton_report() -> dict:
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYINV_STEP_IMPL="triton", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve())], env=env, cwd=root, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "case", [case_id(*c) for c in TRITON_CASES] + ["loop-style"], ids=lambda s: s if isinstance(s, str) else None
+)
+def test_triton_matches_fp64_reference(triton_report, case):
+    err, err_ref, floor = triton_report["cases"][case]
+    assert within_rule(err, err_ref, floor), (err, err_ref, floor)
+
+
+@needs_triton
+def test_triton_through_the_op_opcheck_and_compile(triton_report):
+    assert triton_report["op_vs_reference"] < 1e-5
+
+
+if __name__ == "__main__":  # the Triton subprocess (see triton_report)
+    torch.set_num_threads(1)
+    print(json.dumps(_triton_report()))
