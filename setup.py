@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
+try:  # torch's build_ext adds the C++ standard, ABI and TORCH_EXTENSION_NAME flags
+    from torch.utils.cpp_extension import BuildExtension as _BuildExt
+except ImportError:
+    _BuildExt = build_ext
 
-class OptionalBuildExt(build_ext):
+
+class OptionalBuildExt(_BuildExt):
     """build_ext that never fails the install: a failed extension is skipped with a note."""
 
     def run(self):
@@ -41,7 +47,10 @@ def extensions():
         from torch.utils.cpp_extension import CppExtension
     except ImportError:
         return []
-    return [CppExtension("pyinv._C", sources, extra_compile_args=["-O3"])]
+    # at::parallel_for is OpenMP inline code: without -fopenmp it runs on one thread. The
+    # OpenMP runtime is the libgomp.so.1 torch has loaded already (same soname).
+    omp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    return [CppExtension("pyinv._C", sources, extra_compile_args=["-O3", *omp], extra_link_args=omp)]
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

@@ -153,17 +153,37 @@ def availability() -> dict[str, dict]:
 # ----------------------------------------------------------------------------------------
 
 
-def _run_cpp(*args) -> torch.Tensor:
-    """The C++ kernel: once the extension is loaded, the op's CPU dispatch goes to it."""
+def guided_step_cpp(
+    latents: torch.Tensor,
+    out_uncond: torch.Tensor,
+    out_cond: torch.Tensor,
+    guidance: torch.Tensor,
+    alpha_t: float,
+    alpha_s: float,
+    v_prediction: bool = False,
+    sigma: float = 0.0,
+    noise: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    pin: torch.Tensor | None = None,
+    pin_mask: torch.Tensor | None = None,
+    blend_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The C++ kernel (``csrc/guided_step.cpp``, CPU tensors): loads the extension, whose
+    CPU registration then serves every CPU call of the op in this process."""
     if not load_extension():
         raise RuntimeError(f"the compiled extension {_EXTENSION} is unavailable: {_ext_error}")
-    return torch.ops.pyinv.guided_step.default(*args)
+    if latents.device.type != "cpu":
+        raise RuntimeError(f"the C++ guided_step runs on cpu tensors, not {latents.device.type}")
+    return torch.ops.pyinv.guided_step.default(
+        latents, out_uncond, out_cond, guidance, float(alpha_t), float(alpha_s), bool(v_prediction), float(sigma),
+        noise, offset, pin, pin_mask, blend_mask,
+    )  # fmt: skip
 
 
 _FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "reference": guided_step_reference,
     "triton": guided_step_triton,
-    "cpp": _run_cpp,
+    "cpp": guided_step_cpp,
 }
 
 

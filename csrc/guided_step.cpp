@@ -1,0 +1,195 @@
+// CPU twin of pyinv/kernels/guided_step.py (the reference there is the source of truth).
+//
+// For each batch row b with UNet outputs u_b, c_b at level ᾱ_t and guidance w_b:
+//   m_b  = u_b + w_b (c_b − u_b)
+//   ε-prediction: ε_b = m_b,                x̂0_b = (z_b − √(1−ᾱ_t) ε_b) / √ᾱ_t
+//   v-prediction: x̂0_b = √ᾱ_t z_b − √(1−ᾱ_t) m_b,  ε_b = √ᾱ_t m_b + √(1−ᾱ_t) z_b
+//   z'_b = √ᾱ_s x̂0_b + √(max(1−ᾱ_s−σ², 0)) ε_b  [+ σ n_b if noise and σ > 0]  [+ o_b]
+//   z'_b = p_b where pin_mask_b (everywhere when pin is given without a mask)
+//   LocalBlend: z'_b = z'_0 + m_b (z'_b − z'_0), m of any shape broadcastable to (B, C, H, W)
+//
+// Shapes: latents, outputs, noise, offset, pin (B, C, H, W); guidance (B,); pin_mask (B,).
+// Math in fp32 for fp16/bf16/fp32 inputs (fp64 for fp64); the result is a new contiguous
+// tensor in latents' dtype. One pass: each program (a (b, channel) plane of H·W elements)
+// reads its inputs once and writes once; with LocalBlend it recomputes row 0's stepped value
+// at the same offsets. Registered for the CPU key of the op pyinv::guided_step, whose schema
+// (and fake implementation) pyinv/ops.py defines.
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+namespace {
+
+template <typename A>
+struct Params {
+  A sqrt_at, sqrt_1m_at, sqrt_as, direction, sigma;
+  bool v_prediction;
+};
+
+// One row's input pointers (nullptr: the flag is off).
+template <typename T, typename A>
+struct Row {
+  const T* z;
+  const T* u;
+  const T* c;
+  const T* n;
+  const T* o;
+  const T* p;  // nullptr also when this row is not pinned
+  A w;
+};
+
+template <typename T, typename A>
+inline A stepped(const Row<T, A>& r, int64_t i, const Params<A>& P) {
+  const A z = static_cast<A>(r.z[i]);
+  const A u = static_cast<A>(r.u[i]);
+  const A c = static_cast<A>(r.c[i]);
+  const A m = u + r.w * (c - u);
+  A x0, eps;
+  if (P.v_prediction) {
+    x0 = P.sqrt_at * z - P.sqrt_1m_at * m;
+    eps = P.sqrt_at * m + P.sqrt_1m_at * z;
+  } else {
+    eps = m;
+    x0 = (z - P.sqrt_1m_at * eps) / P.sqrt_at;
+  }
+  A out = P.sqrt_as * x0 + P.direction * eps;
+  if (r.n) out = out + P.sigma * static_cast<A>(r.n[i]);
+  if (r.o) out = out + static_cast<A>(r.o[i]);
+  if (r.p) out = static_cast<A>(r.p[i]);
+  return out;
+}
+
+// `t` broadcast to `shape` with each row t[b] one contiguous block (any batch stride, so an
+// expanded row costs no copy); otherwise a contiguous copy. Converted to `dtype` first.
+at::Tensor row_contiguous(const at::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype) {
+  at::Tensor x = t.to(dtype).expand(shape);
+  const int64_t C = shape[1], H = shape[2], W = shape[3];
+  const auto s = x.strides();
+  const bool ok = (s[3] == 1 || W == 1) && (s[2] == W || H == 1) && (s[1] == H * W || C == 1);
+  return ok ? x : x.contiguous();
+}
+
+struct Maps {
+  at::Tensor z, u, c, n, o, p;
+  bool has_n = false, has_o = false, has_p = false;
+};
+
+template <typename T, typename A>
+void run(const Maps& maps, const std::vector<A>& w, const std::vector<bool>& pinned, const at::Tensor& blend,
+         const Params<A>& P, at::Tensor& out) {
+  const int64_t B = out.size(0), C = out.size(1), HW = out.size(2) * out.size(3);
+  const int64_t n_row = C * HW;
+  auto row_of = [&](int64_t b) {
+    Row<T, A> r;
+    r.z = maps.z.const_data_ptr<T>() + b * maps.z.stride(0);
+    r.u = maps.u.const_data_ptr<T>() + b * maps.u.stride(0);
+    r.c = maps.c.const_data_ptr<T>() + b * maps.c.stride(0);
+    r.n = maps.has_n ? maps.n.const_data_ptr<T>() + b * maps.n.stride(0) : nullptr;
+    r.o = maps.has_o ? maps.o.const_data_ptr<T>() + b * maps.o.stride(0) : nullptr;
+    r.p = maps.has_p && pinned[b] ? maps.p.const_data_ptr<T>() + b * maps.p.stride(0) : nullptr;
+    r.w = w[b];
+    return r;
+  };
+  const bool has_blend = blend.defined();
+  const A* bm = has_blend ? blend.const_data_ptr<A>() : nullptr;
+  const int64_t bs0 = has_blend ? blend.stride(0) : 0, bs1 = has_blend ? blend.stride(1) : 0;
+  T* dst = out.data_ptr<T>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1));
+  at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
+    const Row<T, A> r0 = row_of(0);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t b = plane / C, ch = plane % C, off = ch * HW;
+      const Row<T, A> r = row_of(b);
+      T* o = dst + b * n_row + off;
+      if (has_blend) {
+        const A* m = bm + b * bs0 + ch * bs1;
+        for (int64_t i = 0; i < HW; ++i) {
+          const A v = stepped(r, off + i, P);
+          const A s = stepped(r0, off + i, P);
+          o[i] = static_cast<T>(s + m[i] * (v - s));
+        }
+      } else {
+        for (int64_t i = 0; i < HW; ++i) o[i] = static_cast<T>(stepped(r, off + i, P));
+      }
+    }
+  });
+}
+
+at::Tensor guided_step_cpu(const at::Tensor& latents, const at::Tensor& out_uncond, const at::Tensor& out_cond,
+                           const at::Tensor& guidance, double alpha_t, double alpha_s, bool v_prediction, double sigma,
+                           const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& offset,
+                           const std::optional<at::Tensor>& pin, const std::optional<at::Tensor>& pin_mask,
+                           const std::optional<at::Tensor>& blend_mask) {
+  TORCH_CHECK(latents.dim() == 4, "pyinv::guided_step (cpu): latents must be (B, C, H, W), got ", latents.sizes());
+  TORCH_CHECK(at::isFloatingType(latents.scalar_type()), "pyinv::guided_step (cpu): latents must be floating point");
+  TORCH_CHECK(!pin_mask.has_value() || pin.has_value(), "pyinv::guided_step (cpu): pin_mask given without pin");
+  const auto shape = latents.sizes();
+  const int64_t B = shape[0];
+  const at::ScalarType dtype = latents.scalar_type();
+  const at::ScalarType acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const bool use_noise = noise.has_value() && sigma > 0.0;
+
+  // One input dtype for all maps: the latents' when they all share it, else the math dtype
+  // (exact for half inputs, which the reference converts the same way).
+  bool same = out_uncond.scalar_type() == dtype && out_cond.scalar_type() == dtype;
+  if (use_noise) same = same && noise->scalar_type() == dtype;
+  if (offset.has_value()) same = same && offset->scalar_type() == dtype;
+  if (pin.has_value()) same = same && pin->scalar_type() == dtype;
+  const at::ScalarType in = same ? dtype : acc;
+
+  Maps maps;
+  maps.z = row_contiguous(latents, shape, in);
+  maps.u = row_contiguous(out_uncond, shape, in);
+  maps.c = row_contiguous(out_cond, shape, in);
+  if (use_noise) maps.n = row_contiguous(*noise, shape, in), maps.has_n = true;
+  if (offset.has_value()) maps.o = row_contiguous(*offset, shape, in), maps.has_o = true;
+  if (pin.has_value()) maps.p = row_contiguous(*pin, shape, in), maps.has_p = true;
+
+  at::Tensor g = guidance.to(at::kCPU, acc).reshape({-1}).expand({B}).contiguous();
+  std::vector<bool> pinned(B, true);
+  if (pin_mask.has_value()) {
+    at::Tensor pm = pin_mask->to(at::kCPU, at::kBool).reshape({-1}).expand({B}).contiguous();
+    for (int64_t b = 0; b < B; ++b) pinned[b] = pm.const_data_ptr<bool>()[b];
+  }
+  at::Tensor blend;
+  if (blend_mask.has_value()) {
+    blend = blend_mask->to(acc).expand(shape);
+    const auto s = blend.strides();
+    if (!((s[3] == 1 || shape[3] == 1) && (s[2] == shape[3] || shape[2] == 1))) blend = blend.contiguous();
+  }
+
+  at::Tensor out = at::empty(shape, latents.options().dtype(in).memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out.to(dtype);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in, "pyinv_guided_step_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const A* gp = g.const_data_ptr<A>();
+    std::vector<A> w(gp, gp + B);
+    Params<A> P;
+    P.sqrt_at = static_cast<A>(std::sqrt(alpha_t));
+    P.sqrt_1m_at = static_cast<A>(std::sqrt(1.0 - alpha_t));
+    P.sqrt_as = static_cast<A>(std::sqrt(alpha_s));
+    P.direction = static_cast<A>(std::sqrt(std::max(1.0 - alpha_s - sigma * sigma, 0.0)));
+    P.sigma = static_cast<A>(sigma);
+    P.v_prediction = v_prediction;
+    run<scalar_t, A>(maps, w, pinned, blend, P, out);
+  });
+  return in == dtype ? out : out.to(dtype);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyinv, CPU, m) { m.impl("guided_step", &guided_step_cpu); }
+
+// Built by setup.py (which defines TORCH_EXTENSION_NAME): an importable module pyinv._C whose
+// import registers the kernel above. Built by CMake: a plain library for torch.ops.load_library.
+#ifdef TORCH_EXTENSION_NAME
+#include <torch/extension.h>
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "pyinv compiled per-step ops (CPU)"; }
+#endif
