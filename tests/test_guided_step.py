@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 SHAPES = [(3, 4, 7, 9), (1, 3, 32, 32), (5, 4, 64, 64)]
 #: (noise, offset, pin, blend): every combination
 FLAGS = list(itertools.product((False, True), repeat=4))

@@ -174,6 +174,7 @@ if HAS_TRITON:
         p_ptr,
         pm_ptr,
         bm_ptr,
+        k_ptr,
         n_row,
         C,
         H,
@@ -202,8 +203,15 @@ if HAS_TRITON:
         HAS_PIN_MASK: tl.constexpr,
         HAS_BLEND: tl.constexpr,
         CDT: tl.constexpr,
+        SCALARS_F64: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
+        if SCALARS_F64:  # float arguments arrive as fp32: fp64 math reads them from a tensor
+            sqrt_at = tl.load(k_ptr + 0)
+            sqrt_1m_at = tl.load(k_ptr + 1)
+            sqrt_as = tl.load(k_ptr + 2)
+            direction = tl.load(k_ptr + 3)
+            sigma = tl.load(k_ptr + 4)
         row = tl.program_id(1)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_row
@@ -277,7 +285,15 @@ def guided_step_triton(
     n_row = C * H * W
     if out.numel() == 0:
         return out
-    cdt = tl.float64 if latents.dtype == torch.float64 else tl.float32
+    scalars = (
+        math.sqrt(alpha_t),
+        math.sqrt(1.0 - alpha_t),
+        math.sqrt(alpha_s),
+        math.sqrt(max(1.0 - alpha_s - sigma * sigma, 0.0)),
+        float(sigma),
+    )
+    f64 = latents.dtype == torch.float64
+    k = torch.tensor(scalars, dtype=torch.float64, device=device) if f64 else z
     grid = (triton.cdiv(n_row, TRITON_BLOCK), B)
     _guided_step_kernel[grid](
         out,
@@ -290,6 +306,7 @@ def guided_step_triton(
         p,
         pm,
         bm,
+        k,
         n_row,
         C,
         H,
@@ -303,18 +320,15 @@ def guided_step_triton(
         p.stride(0),
         pm.stride(0),
         *bm.stride(),
-        math.sqrt(alpha_t),
-        math.sqrt(1.0 - alpha_t),
-        math.sqrt(alpha_s),
-        math.sqrt(max(1.0 - alpha_s - sigma * sigma, 0.0)),
-        float(sigma),
+        *scalars,
         V_PRED=bool(v_prediction),
         HAS_NOISE=use_noise,
         HAS_OFFSET=offset is not None,
         HAS_PIN=pin is not None,
         HAS_PIN_MASK=pin_mask is not None,
         HAS_BLEND=blend_mask is not None,
-        CDT=cdt,
+        CDT=tl.float64 if f64 else tl.float32,
+        SCALARS_F64=f64,
         BLOCK=TRITON_BLOCK,
     )
     return out
