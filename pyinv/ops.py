@@ -130,20 +130,34 @@ def reset_dispatch() -> None:
 
 
 def availability() -> dict[str, dict]:
-    """Per op: ``available`` (implementation → whether it exists here), and per device type
-    the ``active`` implementation (or the error an impossible override would raise). Only
-    packages and files are inspected; no device is queried and nothing is loaded."""
+    """Per op: ``available`` (implementation → whether it exists here), per device type the
+    ``usable`` implementations and the ``active`` one (or ``"error: …"``, what an impossible
+    ``PYINV_STEP_IMPL`` would raise), and ``notes`` (why an implementation is missing). Only
+    packages and files are inspected; no device is queried and nothing is loaded, e.g.::
+
+        {"guided_step": {"available": {"reference": True, "triton": True, "cpp": False},
+                         "usable": {"cpu": ["reference"], "cuda": ["reference", "triton"]},
+                         "active": {"cpu": "reference", "cuda": "triton"},
+                         "notes": {"cpp": "the compiled extension pyinv._C is unavailable: …"}}}
+    """
     ops = {}
     for op in ("guided_step",):
-        act = {}
+        act, usable, notes = {}, {}, {}
         for dev in DEVICE_TYPES:
             try:
                 act[dev] = _ACTIVE.get(dev) or _choose(dev)
             except RuntimeError as exc:
                 act[dev] = f"error: {exc}"
+            usable[dev] = [name for name in IMPL_NAMES if _usable(name, dev)[0]]
+        if not HAS_TRITON:
+            notes["triton"] = _usable("triton", "cuda")[1]
+        if not _extension_present():
+            notes["cpp"] = _usable("cpp", "cpu")[1]
         ops[op] = {
             "available": {"reference": True, "triton": HAS_TRITON, "cpp": _extension_present()},
+            "usable": usable,
             "active": act,
+            "notes": notes,
         }
     return ops
 

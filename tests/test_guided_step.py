@@ -179,6 +179,8 @@ def test_dispatch_choice_and_override(monkeypatch):
         ops.reset_dispatch()
         info = ops.availability()["guided_step"]
         assert info["available"]["reference"] is True
+        assert "reference" in info["usable"]["cpu"] and "cpp" not in info["usable"]["cuda"]
+        assert info["available"]["cpp"] or "cpp" in info["notes"]
         assert info["active"]["cpu"] in ("reference", "cpp")
         assert info["active"]["cuda"] == ("triton" if info["available"]["triton"] else "reference")
         monkeypatch.setenv(ops.ENV_IMPL, "reference")
