@@ -19,7 +19,9 @@ latents' dtype (float64 inputs keep float64 math).
 Implementations: :func:`guided_step_reference` (plain PyTorch, the source of truth) and
 :func:`guided_step_triton` (one Triton program per row ``b`` and block of ``C·H·W``
 elements: each element is read once and written once; with LocalBlend the program also
-recomputes row 0's stepped value at the same offsets, so no second pass is needed).
+recomputes row 0's stepped value at the same offsets, so no second pass is needed). The
+C++ CPU twin is ``csrc/guided_step.cpp``; :mod:`pyinv.ops` registers the custom op
+``pyinv::guided_step`` and chooses the implementation per device.
 """
 
 from __future__ import annotations
