@@ -10,9 +10,10 @@
 //
 // Shapes: latents, outputs, noise, offset, pin (B, C, H, W); guidance (B,); pin_mask (B,).
 // Math in fp32 for fp16/bf16/fp32 inputs (fp64 for fp64); the result is a new contiguous
-// tensor in latents' dtype. One pass: each program (a (b, channel) plane of H·W elements)
-// reads its inputs once and writes once; with LocalBlend it recomputes row 0's stepped value
-// at the same offsets. Registered for the CPU key of the op pyinv::guided_step, whose schema
+// tensor in latents' dtype. One pass: each task (a (b, channel) plane of H·W elements, in
+// chunks that stay in L1) reads its inputs once and writes once; with LocalBlend it
+// recomputes row 0's stepped value at the same offsets. The inner loops are branch-free
+// (flags are template parameters) so the compiler vectorises them. Registered for the CPU key of the op pyinv::guided_step, whose schema
 // (and fake implementation) pyinv/ops.py defines.
 
 #include <ATen/ATen.h>
@@ -20,6 +21,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -44,25 +46,54 @@ struct Row {
   A w;
 };
 
-template <typename T, typename A>
-inline A stepped(const Row<T, A>& r, int64_t i, const Params<A>& P) {
-  const A z = static_cast<A>(r.z[i]);
-  const A u = static_cast<A>(r.u[i]);
-  const A c = static_cast<A>(r.c[i]);
-  const A m = u + r.w * (c - u);
-  A x0, eps;
-  if (P.v_prediction) {
-    x0 = P.sqrt_at * z - P.sqrt_1m_at * m;
-    eps = P.sqrt_at * m + P.sqrt_1m_at * z;
-  } else {
-    eps = m;
-    x0 = (z - P.sqrt_1m_at * eps) / P.sqrt_at;
+// Steps 1–4 for `len` elements into `dst` (math dtype A). The flags are template
+// parameters so that the loop is branch-free and the compiler vectorises it.
+template <typename T, typename A, bool V, bool HAS_NOISE, bool HAS_OFFSET>
+void step_chunk(const Row<T, A>& r, int64_t off, int64_t len, const Params<A>& P, A* __restrict__ dst) {
+  const T* __restrict__ zp = r.z + off;
+  const T* __restrict__ up = r.u + off;
+  const T* __restrict__ cp = r.c + off;
+  const T* __restrict__ np = HAS_NOISE ? r.n + off : nullptr;
+  const T* __restrict__ op = HAS_OFFSET ? r.o + off : nullptr;
+  const A w = r.w, sa = P.sqrt_at, sb = P.sqrt_1m_at, sas = P.sqrt_as, dir = P.direction, sigma = P.sigma;
+  for (int64_t i = 0; i < len; ++i) {
+    const A z = static_cast<A>(zp[i]);
+    const A u = static_cast<A>(up[i]);
+    const A m = u + w * (static_cast<A>(cp[i]) - u);
+    A x0, eps;
+    if constexpr (V) {
+      x0 = sa * z - sb * m;
+      eps = sa * m + sb * z;
+    } else {
+      eps = m;
+      x0 = (z - sb * eps) / sa;
+    }
+    A out = sas * x0 + dir * eps;
+    if constexpr (HAS_NOISE) out = out + sigma * static_cast<A>(np[i]);
+    if constexpr (HAS_OFFSET) out = out + static_cast<A>(op[i]);
+    dst[i] = out;
   }
-  A out = P.sqrt_as * x0 + P.direction * eps;
-  if (r.n) out = out + P.sigma * static_cast<A>(r.n[i]);
-  if (r.o) out = out + static_cast<A>(r.o[i]);
-  if (r.p) out = static_cast<A>(r.p[i]);
-  return out;
+}
+
+// z'_row at [off, off + len) into `dst`: the pinned value, or the step.
+template <typename T, typename A>
+void row_chunk(const Row<T, A>& r, int64_t off, int64_t len, const Params<A>& P, A* __restrict__ dst) {
+  if (r.p) {
+    const T* __restrict__ pp = r.p + off;
+    for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<A>(pp[i]);
+    return;
+  }
+  const int key = (P.v_prediction ? 4 : 0) | (r.n ? 2 : 0) | (r.o ? 1 : 0);
+  switch (key) {
+    case 0: return step_chunk<T, A, false, false, false>(r, off, len, P, dst);
+    case 1: return step_chunk<T, A, false, false, true>(r, off, len, P, dst);
+    case 2: return step_chunk<T, A, false, true, false>(r, off, len, P, dst);
+    case 3: return step_chunk<T, A, false, true, true>(r, off, len, P, dst);
+    case 4: return step_chunk<T, A, true, false, false>(r, off, len, P, dst);
+    case 5: return step_chunk<T, A, true, false, true>(r, off, len, P, dst);
+    case 6: return step_chunk<T, A, true, true, false>(r, off, len, P, dst);
+    default: return step_chunk<T, A, true, true, true>(r, off, len, P, dst);
+  }
 }
 
 // `t` broadcast to `shape` with each row t[b] one contiguous block (any batch stride, so an
@@ -79,6 +110,9 @@ struct Maps {
   at::Tensor z, u, c, n, o, p;
   bool has_n = false, has_o = false, has_p = false;
 };
+
+// elements per chunk: two math-dtype buffers on the stack, small enough to stay in L1
+constexpr int64_t kChunk = 512;
 
 template <typename T, typename A>
 void run(const Maps& maps, const std::vector<A>& w, const std::vector<bool>& pinned, const at::Tensor& blend,
@@ -102,20 +136,24 @@ void run(const Maps& maps, const std::vector<A>& w, const std::vector<bool>& pin
   T* dst = out.data_ptr<T>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1));
   at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) A value[kChunk];
+    alignas(64) A source[kChunk];
     const Row<T, A> r0 = row_of(0);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t b = plane / C, ch = plane % C, off = ch * HW;
       const Row<T, A> r = row_of(b);
       T* o = dst + b * n_row + off;
-      if (has_blend) {
-        const A* m = bm + b * bs0 + ch * bs1;
-        for (int64_t i = 0; i < HW; ++i) {
-          const A v = stepped(r, off + i, P);
-          const A s = stepped(r0, off + i, P);
-          o[i] = static_cast<T>(s + m[i] * (v - s));
+      for (int64_t j = 0; j < HW; j += kChunk) {
+        const int64_t len = std::min(kChunk, HW - j);
+        row_chunk(r, off + j, len, P, value);
+        if (has_blend) {
+          // LocalBlend: row 0's stepped value at the same offsets, recomputed here
+          row_chunk(r0, off + j, len, P, source);
+          const A* __restrict__ m = bm + b * bs0 + ch * bs1 + j;
+          for (int64_t i = 0; i < len; ++i) value[i] = source[i] + m[i] * (value[i] - source[i]);
         }
-      } else {
-        for (int64_t i = 0; i < HW; ++i) o[i] = static_cast<T>(stepped(r, off + i, P));
+        T* __restrict__ oj = o + j;
+        for (int64_t i = 0; i < len; ++i) oj[i] = static_cast<T>(value[i]);
       }
     }
   });
