@@ -113,6 +113,27 @@ def test_in_process_impl_matches_fp64_reference(impl, shape, dtype, v_pred, flag
     assert within_rule(err, err_ref, floor), (err, err_ref, floor)
 
 
+EDGE_SHAPES = [(1, 1, 1, 1), (2, 3, 1, 7), (2, 3, 7, 1), (3, 2, 33, 35)]
+
+
+def edge_case(shape, seed: int = 1):
+    """Every flag on, with a per-channel blend mask ``(1, C, H, W)`` instead of ``(B, 1, H, W)``."""
+    args, kw = make_case(shape, torch.float32, True, (True,) * 4, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    kw["blend_mask"] = torch.rand(1, *shape[1:], generator=g)
+    return args, kw
+
+
+@pytest.mark.parametrize("impl", IN_PROCESS)
+@pytest.mark.parametrize("shape", EDGE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_edge_shapes_and_per_channel_blend(impl, shape):
+    from pyinv.ops import IMPLEMENTATIONS
+
+    args, kw = edge_case(shape)
+    err, err_ref, floor = errors(IMPLEMENTATIONS["guided_step"][impl], args, kw)
+    assert within_rule(err, err_ref, floor), (err, err_ref, floor)
+
+
 def test_reference_float64_keeps_float64_math():
     from pyinv.kernels.guided_step import guided_step_reference
 
@@ -230,6 +251,8 @@ def _triton_report() -> dict:
     kw["pin"], kw["pin_mask"] = kw["pin"][:1].expand(3, 4, 6, 5), None
     args = (args[0].transpose(2, 3).contiguous().transpose(2, 3), *args[1:])
     report["cases"]["loop-style"] = errors(guided_step_triton, args, kw)
+    for shape in EDGE_SHAPES:
+        report["cases"]["edge-" + "x".join(map(str, shape))] = errors(guided_step_triton, *edge_case(shape))
     # the custom op dispatching to Triton on CPU
     assert ops.active("cpu") == "triton"
     args, kw = make_case((3, 4, 5, 7), torch.float32, True, (True,) * 4)
@@ -256,7 +279,8 @@ def triton_report() -> dict:
 
 @needs_triton
 @pytest.mark.parametrize(
-    "case", [case_id(*c) for c in TRITON_CASES] + ["loop-style"], ids=lambda s: s if isinstance(s, str) else None
+    "case",
+    [case_id(*c) for c in TRITON_CASES] + ["loop-style"] + ["edge-" + "x".join(map(str, s)) for s in EDGE_SHAPES],
 )
 def test_triton_matches_fp64_reference(triton_report, case):
     err, err_ref, floor = triton_report["cases"][case]
