@@ -73,7 +73,9 @@ def load_extension() -> bool:
     if _ext_loaded is None:
         try:
             importlib.import_module(_EXTENSION)
-            _ext_loaded = True
+            _ext_loaded = torch._C._dispatch_has_kernel_for_dispatch_key("pyinv::guided_step", "CPU")
+            if not _ext_loaded:  # an extension built from other sources: do not recurse into the op
+                _ext_error = "it registers no CPU kernel for pyinv::guided_step"
         except (ImportError, OSError) as exc:
             _ext_loaded, _ext_error = False, f"{type(exc).__name__}: {exc}"
     return _ext_loaded
@@ -112,7 +114,10 @@ def _choose(device_type: str) -> str:
 
 
 def active(device_type: str) -> str:
-    """The implementation of ``guided_step`` on ``device_type``, chosen once and cached."""
+    """The implementation of ``guided_step`` on ``device_type``, chosen once and cached
+    (``cpp`` on CPU whenever the extension is loaded: its kernel then serves the op)."""
+    if device_type == "cpu" and _ext_loaded:
+        return "cpp"
     name = _ACTIVE.get(device_type)
     if name is None:
         name = _choose(device_type)
@@ -145,7 +150,7 @@ def availability() -> dict[str, dict]:
         act, usable, notes = {}, {}, {}
         for dev in DEVICE_TYPES:
             try:
-                act[dev] = _ACTIVE.get(dev) or _choose(dev)
+                act[dev] = "cpp" if dev == "cpu" and _ext_loaded else _ACTIVE.get(dev) or _choose(dev)
             except RuntimeError as exc:
                 act[dev] = f"error: {exc}"
             usable[dev] = [name for name in IMPL_NAMES if _usable(name, dev)[0]]
