@@ -2,7 +2,8 @@
 
 The fused step is the torch custom op ``torch.ops.pyinv.guided_step`` (schema below), with a
 fake (meta) implementation so ``torch.compile(fullgraph=True)`` and export trace through it
-without a graph break. Its implementation is chosen once per device type and cached:
+without a graph break, and a backward (through the reference's autograd; the step is linear
+in every map). Its implementation is chosen once per device type and cached:
 
 ============  =====================================================================
 device type   implementation
@@ -238,6 +239,36 @@ def _guided_step_fake(latents, *_args):
     """Shape, dtype and device of the result: those of ``latents`` (contiguous)."""
     return torch.empty(latents.shape, dtype=latents.dtype, device=latents.device)
 
+
+_TENSOR_ARGS = (0, 1, 2, 3, 8, 9, 10, 11, 12)  # positions of the tensor arguments in the schema
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.scalars = inputs[4:8]
+    ctx.save_for_backward(*(inputs[i] for i in _TENSOR_ARGS))
+
+
+def _backward(ctx, grad):
+    """Gradients of the step through the reference's autograd (the step is linear in every
+    map, so this costs one more step): the op is differentiable wherever the reference is."""
+    saved = ctx.saved_tensors
+    leaves = [
+        t.detach().requires_grad_(True) if t is not None and t.is_floating_point() and ctx.needs_input_grad[i] else t
+        for i, t in zip(_TENSOR_ARGS, saved, strict=True)
+    ]
+    args = dict(zip(_TENSOR_ARGS, leaves, strict=True))
+    args.update(zip(range(4, 8), ctx.scalars, strict=True))
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
+    grads = {}
+    if wanted:
+        with torch.enable_grad():
+            out = guided_step_reference(*(args[i] for i in range(13)))
+        found = torch.autograd.grad(out, wanted, grad, allow_unused=True)
+        grads = {id(t): g for t, g in zip(wanted, found, strict=True)}
+    return tuple(grads.get(id(args[i])) if i in _TENSOR_ARGS and args[i] is not None else None for i in range(13))
+
+
+guided_step_op.register_autograd(_backward, setup_context=_setup_context)
 
 #: op name → {implementation name: callable with the reference's signature}
 IMPLEMENTATIONS = {"guided_step": dict(_FUNCTIONS)}

@@ -177,6 +177,23 @@ def test_opcheck(flags):
     torch.library.opcheck(torch.ops.pyinv.guided_step.default, full)
 
 
+@pytest.mark.parametrize("v_pred", [False, True], ids=["eps", "v"])
+def test_op_gradients(v_pred):
+    """The op is differentiable in every map (through the reference's autograd)."""
+    from pyinv import ops
+
+    args, kw = make_case((3, 2, 3, 4), torch.float64, v_pred, (True,) * 4)
+    names = ("noise", "offset", "pin", "blend_mask")
+    maps = [t.clone().requires_grad_(True) for t in (*args[:4], *(kw[k] for k in names))]
+
+    def step(z, u, c, w, noise, offset, pin, blend):
+        return ops.guided_step(z, u, c, w, 0.42, 0.71, v_pred, 0.35, noise, offset, pin, kw["pin_mask"], blend)
+
+    assert torch.autograd.gradcheck(step, maps)
+    full = (*maps[:4], 0.42, 0.71, v_pred, 0.35, *maps[4:7], kw["pin_mask"], maps[7])
+    torch.library.opcheck(torch.ops.pyinv.guided_step.default, full)
+
+
 def test_compile_fullgraph_has_no_graph_break():
     from pyinv import ops
 
