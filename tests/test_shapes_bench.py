@@ -167,7 +167,8 @@ def test_training_resumes_exactly_and_exports_a_loadable_model(tmp_path):
     b = train(str(tmp_path / "b"), _tiny_config(), progress=False)
     assert a.losses == b.losses and len(a.losses) == 4
     assert all(torch.equal(a.ema[k], b.ema[k]) for k in a.ema)
-    assert (tmp_path / "b" / CHECKPOINT).is_file() and (tmp_path / "b" / "config.json").is_file()
+    for name in (CHECKPOINT, "config.json", "loss.png"):
+        assert (tmp_path / "b" / name).is_file()
     with pytest.raises(ValueError, match="other settings"):
         train(str(tmp_path / "b"), _tiny_config(lr=1e-3, steps=6), progress=False)
     # batches are a function of the step alone
