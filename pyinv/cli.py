@@ -627,15 +627,25 @@ def environment() -> dict[str, Any]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """``pyinv info``: versions and whether CUDA is usable."""
+    """``pyinv info``: versions, whether CUDA is usable, and the per-step ops' implementations."""
+    from .ops import availability
+
     env = environment()
+    ops = availability()
     if args.json:
-        print(json.dumps(env, indent=2))
+        print(json.dumps({**env, "ops": ops}, indent=2))
         return 0
     width = max(len(k) for k in env) + 2
     for key, value in env.items():
         shown = (", ".join(value) or "none") if isinstance(value, list) else value
         print(f"{key + ':':<{width}}{shown}")
+    print("per-step ops (implementation in use per device; available implementations):")
+    for op, info in ops.items():
+        used = ", ".join(f"{dev} {name}" for dev, name in info["active"].items())
+        have = ", ".join(name for name, ok in info["available"].items() if ok)
+        print(f"  {op}: {used}; available: {have}")
+        for name, why in info["notes"].items():
+            print(f"    {name}: {why}")
     return 0
 
 

@@ -295,7 +295,11 @@ def test_info_json(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["torch"] == torch.__version__
     assert {"pyinv", "python", "diffusers", "transformers", "cuda_available"} <= set(info)
+    step = info["ops"]["guided_step"]
+    assert step["available"]["reference"] is True and step["active"]["cpu"] in step["usable"]["cpu"]
     assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "guided_step: cpu " in text and "available: reference" in text
     assert "cuda_available:" in capsys.readouterr().out
 
 
