@@ -40,10 +40,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def tiny_default(monkeypatch):
+@pytest.fixture(scope="module", autouse=True)
+def tiny_default():
     """These tests run on the tiny model (the demo default has its own tests)."""
-    monkeypatch.setattr(cli, "DEFAULT_MODEL", "tiny")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "DEFAULT_MODEL", "tiny")
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -300,7 +302,7 @@ def test_info_json(capsys):
     assert cli.main(["info"]) == 0
     text = capsys.readouterr().out
     assert "guided_step: cpu " in text and "available: reference" in text
-    assert "cuda_available:" in capsys.readouterr().out
+    assert "cuda_available:" in text
 
 
 def test_help_exits_zero(capsys):

@@ -17,10 +17,12 @@ TGT = "a photo of a blue cube"
 FAST = ["--steps", "4"]
 
 
-@pytest.fixture(autouse=True)
-def tiny_default(monkeypatch):
+@pytest.fixture(scope="module", autouse=True)
+def tiny_default():
     """These tests run on the tiny model (the demo default has its own tests)."""
-    monkeypatch.setattr(cli, "DEFAULT_MODEL", "tiny")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "DEFAULT_MODEL", "tiny")
+        yield
 
 
 @pytest.fixture(scope="module")
