@@ -39,6 +39,13 @@ def test_demo_preset_is_a_small_pixel_space_v_model(demo):
     assert size <= 25 * 2**20
     with open(os.path.join(DEMO_FOLDER, "training.json"), encoding="utf-8") as f:
         assert json.load(f)["step"] > 0
+    # loadable by transformers 4.x too: prefixed text-encoder keys, a vocab.json/merges.txt tokenizer
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(DEMO_FOLDER, "text_encoder", "model.safetensors"), "pt") as f:
+        assert all(k.startswith("text_model.") for k in f.keys())
+    for name in ("vocab.json", "merges.txt"):
+        assert os.path.isfile(os.path.join(DEMO_FOLDER, "tokenizer", name))
 
 
 def test_demo_draws_what_it_is_asked(demo):

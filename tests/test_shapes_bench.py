@@ -178,6 +178,10 @@ def test_training_resumes_exactly_and_exports_a_loadable_model(tmp_path):
     assert float(x1.min()) >= -1 and float(x1.max()) <= 1
 
     b.export(str(tmp_path / "model"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model" / "text_encoder" / "model.safetensors"), "pt") as f:
+        assert all(k.startswith("text_model.") for k in f.keys())
     model = load_model(str(tmp_path / "model"))
     assert model.vae is None and model.prediction_type == "v_prediction" and model.image_size == 32
     assert model.token_count("a purple triangle on a white background") == 7

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .model import DEMO_SCHEDULER_CONFIG, IMAGE_SIZE, demo_text_encoder, demo_tokenizer, demo_unet
+from ..presets import write_tiny_tokenizer
+from .model import DEMO_SCHEDULER_CONFIG, DEMO_WORDS, IMAGE_SIZE, demo_text_encoder, demo_tokenizer, demo_unet
 from .world import COLORS, sample_scene, shape_mask
 
 #: scene seeds of training batches start here (tests and benchmarks use small seeds)
@@ -207,9 +208,12 @@ class Trainer:
         os.makedirs(folder, exist_ok=True)
         self.unet.to(dtype).save_pretrained(os.path.join(folder, "unet"))
         self.text_encoder.to(dtype).save_pretrained(os.path.join(folder, "text_encoder"))
+        portable_text_encoder_weights(os.path.join(folder, "text_encoder"))
         self.unet.float()
         self.text_encoder.float()
         self.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+        # vocab.json + merges.txt too: older transformers releases load CLIPTokenizer from those
+        write_tiny_tokenizer(os.path.join(folder, "tokenizer"), DEMO_WORDS)
         os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
         with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
             json.dump(DEMO_SCHEDULER_CONFIG, f, indent=2)
@@ -217,6 +221,23 @@ class Trainer:
             json.dump(
                 {"config": asdict(self.config), "step": self.step, "train_seconds": round(self.seconds)}, f, indent=2
             )
+
+
+def portable_text_encoder_weights(folder: str) -> None:
+    """Store the CLIP text encoder's weights under the ``text_model.`` key prefix.
+
+    transformers 5 writes ``CLIPTextModel`` weights without the prefix, which releases 4.x
+    cannot load (they would silently start from random weights); both read the prefixed keys.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(folder, "model.safetensors")
+    weights = load_file(path)
+    if all(k.startswith("text_model.") for k in weights):
+        return
+    prefixed = {k if k.startswith("text_model.") else "text_model." + k: v.contiguous() for k, v in weights.items()}
+    save_file(prefixed, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)
 
 
 def _config_from_dict(values: dict[str, Any]) -> TrainConfig:
