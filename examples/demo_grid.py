@@ -72,7 +72,7 @@ def main() -> None:
         draw.text((4 + j * (side + 4), 2), title, fill="black")
     for i, case in enumerate(CASES):
         y = LABEL_H + i * (side + LABEL_H + 4)
-        draw.text((4, y), f"{case.source_prompt}  →  {case.target_prompt}", fill="black")
+        draw.text((4, y), f"{case.source_prompt}  ->  {case.target_prompt}", fill="black")
         image = case.image(editor.model.image_size)
         cells = [image, render(case.target, editor.model.image_size)]
         inversions = {}
