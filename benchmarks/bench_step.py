@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from pyinv import ops  # noqa: E402
 from pyinv.bench.report import provenance  # noqa: E402
-from pyinv.kernels.guided_step import guided_step_reference  # noqa: E402
 
 FLAG_SETS = {
     "ddim": {},
@@ -119,8 +118,6 @@ def main() -> int:
             results = {}
             for impl in usable:
                 fn = ops.IMPLEMENTATIONS["guided_step"][impl]
-                if impl == "reference":
-                    fn = guided_step_reference
                 times = timed(lambda fn=fn, kw=kwargs: fn(**kw), device, 5, args.repeats)
                 q = statistics.quantiles(times, n=4)
                 med = statistics.median(times)

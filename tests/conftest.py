@@ -19,6 +19,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def tiny_cli_default():
+    """Make ``tiny`` the CLI's default model for a test module (``pytestmark = usefixtures``)."""
+    from pyinv import cli
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "DEFAULT_MODEL", "tiny")
+        yield
+
+
 def make_test_image(size: int = 48, seed: int = 0) -> Image.Image:
     """A smooth synthetic photo stand-in: a colour gradient with a disc and mild noise."""
     rng = np.random.RandomState(seed)

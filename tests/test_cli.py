@@ -29,6 +29,9 @@ SRC = "a photo of a red ball"
 TGT = "a photo of a blue cube"
 FAST = ["--steps", "2"]
 
+#: these tests run the CLI on the tiny model (the demo default has its own tests)
+pytestmark = pytest.mark.usefixtures("tiny_cli_default")
+
 
 # ---------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module", autouse=True)
@@ -38,14 +41,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_default():
-    """These tests run on the tiny model (the demo default has its own tests)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli, "DEFAULT_MODEL", "tiny")
-        yield
 
 
 @pytest.fixture(autouse=True)

@@ -16,13 +16,8 @@ SRC = "a photo of a red ball"
 TGT = "a photo of a blue cube"
 FAST = ["--steps", "4"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_default():
-    """These tests run on the tiny model (the demo default has its own tests)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli, "DEFAULT_MODEL", "tiny")
-        yield
+#: these tests run the CLI on the tiny model (the demo default has its own tests)
+pytestmark = pytest.mark.usefixtures("tiny_cli_default")
 
 
 @pytest.fixture(scope="module")

@@ -67,8 +67,7 @@ class EditCase:
     @property
     def words(self) -> tuple[str, str]:
         """The changed word in the source and target prompts."""
-        attr = {"color": "color", "shape": "shape", "background": "background"}[self.kind]
-        return getattr(self.source, attr), getattr(self.target, attr)
+        return getattr(self.source, self.kind), getattr(self.target, self.kind)
 
     def image(self, side: int = 32) -> Image.Image:
         return render(self.source, side)
@@ -134,18 +133,14 @@ def default_matrix() -> list[BenchConfig]:
 def matrix(methods: Sequence[str] | None = None, controls: Sequence[str] | None = None) -> list[BenchConfig]:
     """The configurations to run: the default matrix when nothing is chosen, else every
     chosen method with every chosen control (P2P when no control is chosen)."""
-    from ..inversion import get_method
+    from ..inversion import METHODS, get_method
 
     if not methods and not controls:
         return default_matrix()
     for c in controls or ():
         if c not in CONTROLS:
             raise PyinvError(f"unknown control {c!r}; use one of {', '.join(CONTROLS)}")
-    algos = [get_method(m) for m in methods] if methods else None
-    if algos is None:
-        from ..inversion import METHODS
-
-        algos = list(METHODS.values())
+    algos = [get_method(m) for m in methods] if methods else list(METHODS.values())
     configs = []
     for algo in algos:
         chosen = list(controls) if controls else ["p2p" if algo.takes_control else "none"]

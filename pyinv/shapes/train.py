@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from ..presets import write_tiny_tokenizer
+from ..schedule import make_schedule
 from .model import DEMO_SCHEDULER_CONFIG, DEMO_WORDS, IMAGE_SIZE, demo_text_encoder, demo_tokenizer, demo_unet
-from .world import COLORS, sample_scene, shape_mask
+from .world import render, sample_scene
 
 #: scene seeds of training batches start here (tests and benchmarks use small seeds)
 TRAIN_SEED_BASE = 1_000_000_000
@@ -68,23 +69,15 @@ class TrainConfig:
 
 def scene_batch(step: int, batch: int, side: int = IMAGE_SIZE) -> tuple[torch.Tensor, list[str]]:
     """The images ``(B, 3, side, side)`` in ``[-1, 1]`` and captions of training step ``step``."""
-    images = np.empty((batch, side, side, 3), dtype=np.float32)
-    captions = []
-    for i in range(batch):
-        scene = sample_scene(TRAIN_SEED_BASE + step * batch + i)
-        images[i] = COLORS[scene.background]
-        images[i][shape_mask(scene, side)] = COLORS[scene.color]
-        captions.append(scene.caption)
+    scenes = [sample_scene(TRAIN_SEED_BASE + step * batch + i) for i in range(batch)]
+    images = np.stack([np.asarray(render(scene, side), dtype=np.float32) for scene in scenes])
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2) / 127.5 - 1.0
-    return pixels.contiguous(), captions
+    return pixels.contiguous(), [scene.caption for scene in scenes]
 
 
 def alphas_cumprod() -> torch.Tensor:
-    """``ᾱ_t`` of the demo schedule for t = 0…999 (float64), from diffusers' DDIMScheduler."""
-    from diffusers import DDIMScheduler
-
-    config = {k: v for k, v in DEMO_SCHEDULER_CONFIG.items() if not k.startswith("_")}
-    return DDIMScheduler.from_config(config).alphas_cumprod.double()
+    """``ᾱ_t`` of the demo schedule for t = 0…999 (float64)."""
+    return make_schedule(DEMO_SCHEDULER_CONFIG, 1, "checkpoint").alphas_cumprod
 
 
 class Trainer:
