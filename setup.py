@@ -1,9 +1,10 @@
 """Build script. Package metadata lives in pyproject.toml.
 
-The compiled per-step ops (csrc/) are optional: they are built only when sources exist,
-``PYINV_NO_EXT`` is not set, and a compiler is present; any build failure is reported and
-skipped, so ``pip install -e .`` always works on a CPU-only machine without a compiler.
-Without the extension pyinv runs its plain-PyTorch reference ops.
+The compiled per-step ops (csrc/) are optional: the C++ CPU ops (``pyinv._C``) are built
+when ``PYINV_NO_EXT`` is not set and a compiler is present, the CUDA ops
+(``pyinv._C_cuda``) also need a CUDA build of torch and nvcc; any build failure is reported
+and skipped, so ``pip install -e .`` always works on a CPU-only machine without a compiler.
+Without an extension pyinv runs the Triton kernel (CUDA) or the plain-PyTorch reference.
 """
 
 from __future__ import annotations
@@ -38,19 +39,41 @@ class OptionalBuildExt(_BuildExt):
 
 
 def extensions():
+    """``pyinv._C`` (the C++ CPU ops) whenever torch is importable, and ``pyinv._C_cuda``
+    (the CUDA ops) when torch is a CUDA build and nvcc is found (``CUDA_HOME``)."""
     if os.environ.get("PYINV_NO_EXT", "") not in ("", "0"):
         return []
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    if not sources:
-        return []
+    cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    headers = sorted(glob.glob(os.path.join("csrc", "*.h")) + glob.glob(os.path.join("csrc", "*.cuh")))
     try:
-        from torch.utils.cpp_extension import CppExtension
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
     except ImportError:
         return []
-    # at::parallel_for is OpenMP inline code: without -fopenmp it runs on one thread. The
-    # OpenMP runtime is the libgomp.so.1 torch has loaded already (same soname).
-    omp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    return [CppExtension("pyinv._C", sources, extra_compile_args=["-O3", *omp], extra_link_args=omp)]
+    exts = []
+    if cpu_sources:
+        # at::parallel_for is OpenMP inline code: without -fopenmp it runs on one thread. The
+        # OpenMP runtime is the libgomp.so.1 torch has loaded already (same soname).
+        omp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+        exts.append(
+            CppExtension(
+                "pyinv._C", cpu_sources, depends=headers, extra_compile_args=["-O3", *omp], extra_link_args=omp
+            )
+        )
+    if cuda_sources and torch.version.cuda is not None and CUDA_HOME is not None:
+        # target GPUs: TORCH_CUDA_ARCH_LIST (e.g. "9.0" for H100/H200), else the visible GPU's
+        exts.append(
+            CUDAExtension(
+                "pyinv._C_cuda",
+                cuda_sources,
+                depends=headers,
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+            )
+        )
+    elif cuda_sources:
+        print("pyinv: not building the CUDA ops (torch is not a CUDA build, or nvcc was not found)")
+    return exts
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

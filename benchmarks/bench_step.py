@@ -1,7 +1,8 @@
 """Time the fused per-step op against the unfused PyTorch sequence, and against copy bandwidth.
 
     python benchmarks/bench_step.py                      # CPU: reference vs C++ (when built)
-    python benchmarks/bench_step.py --device cuda --json benchmarks/results/step-h100.json
+    python benchmarks/bench_step.py --device cuda --dtype fp16 --size 64 --size 128 \\
+        --json benchmarks/results/step-h100.json
 
 For each latent shape ``(B, C, H, W)`` and flag set, every usable implementation of
 ``guided_step`` runs with warm-up and repeats; the report gives the median time, the spread
@@ -14,6 +15,7 @@ PyTorch sequence (one kernel per elementwise op), the unfused baseline.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -39,16 +41,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
+def timed(fn, device: torch.device, warmup: int, repeats: int, inner: int = 1) -> list[float]:
+    """Seconds per call, ``repeats`` samples of ``inner`` back-to-back calls each (CUDA
+    events on a GPU, so launch gaps between samples are not counted; a clock elsewhere)."""
     for _ in range(warmup):
         fn()
     _sync(device)
     out = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(time.perf_counter() - start)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) / 1e3 / inner)
+        else:
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            _sync(device)
+            out.append((time.perf_counter() - start) / inner)
     return out
 
 
@@ -100,7 +114,7 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     p.add_argument("--batch", type=int, action="append", help="batch sizes (default 3, 4, 8)")
-    p.add_argument("--size", type=int, default=64, help="latent side (SD 1.5 at 512²: 64)")
+    p.add_argument("--size", type=int, action="append", help="latent sides (default 64: SD 1.5 at 512²)")
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
@@ -111,14 +125,15 @@ def main() -> int:
     print(f"device {device.type}, {torch.get_num_threads()} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(f"implementations: {', '.join(usable)}")
     rows = []
-    for batch in args.batch or [3, 4, 8]:
-        shape = (batch, 4, args.size, args.size)
+    inner = 20 if device.type == "cuda" else 1
+    for side, batch in itertools.product(args.size or [64], args.batch or [3, 4, 8]):
+        shape = (batch, 4, side, side)
         for flag_name, flags in FLAG_SETS.items():
             kwargs, nbytes = step_inputs(shape, dtype, device, flags)
             results = {}
             for impl in usable:
                 fn = ops.IMPLEMENTATIONS["guided_step"][impl]
-                times = timed(lambda fn=fn, kw=kwargs: fn(**kw), device, 5, args.repeats)
+                times = timed(lambda fn=fn, kw=kwargs: fn(**kw), device, 5, args.repeats, inner)
                 q = statistics.quantiles(times, n=4)
                 med = statistics.median(times)
                 results[impl] = med
@@ -144,11 +159,23 @@ def main() -> int:
                 f"{str(shape):>18} {flag_name:<20} {line}"
                 + (f"; vs reference: {', '.join(speedups)}" if speedups else "")
             )
+    # what the op's dispatch picks on this device (on a GPU: timed at its first call)
+    ops.reset_dispatch()
+    kwargs, _ = step_inputs((3, 4, 64, 64), dtype, device, FLAG_SETS["direct-pinned+blend"])
+    ops.guided_step(**kwargs)
+    info = ops.availability()["guided_step"]
+    dispatch = {"active": info["active"][device.type], "measured_ms": info["measured"].get(device.type, {})}
+    print(
+        f"dispatch on {device.type}: {dispatch['active']}"
+        + (f" (first-call timings, ms: {dispatch['measured_ms']})" if dispatch["measured_ms"] else "")
+    )
     if args.json:
         payload = {
             "benchmark": "guided_step",
             **provenance(device),
+            "settings": {"dtype": args.dtype, "repeats": args.repeats, "calls_per_sample": inner},
             "copy_bandwidth_gb_per_s": bandwidth / 1e9,
+            "dispatch": dispatch,
             "rows": rows,
         }
         with open(args.json, "w", encoding="utf-8") as f:

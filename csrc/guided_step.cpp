@@ -13,8 +13,9 @@
 // tensor in latents' dtype. One pass: each task (a (b, channel) plane of H·W elements, in
 // chunks that stay in L1) reads its inputs once and writes once; with LocalBlend it
 // recomputes row 0's stepped value at the same offsets. The inner loops are branch-free
-// (flags are template parameters) so the compiler vectorises them. Registered for the CPU key of the op pyinv::guided_step, whose schema
-// (and fake implementation) pyinv/ops.py defines.
+// (flags are template parameters) so the compiler vectorises them. Registered as the op
+// pyinv::guided_step_cpp (CPU), which the Python implementation of pyinv::guided_step
+// (pyinv/ops.py) calls when the C++ implementation is chosen.
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -25,6 +26,9 @@
 #include <cmath>
 #include <optional>
 #include <vector>
+
+#include "guided_step_args.h"
+#include "guided_step_schema.h"
 
 namespace {
 
@@ -96,43 +100,39 @@ void row_chunk(const Row<T, A>& r, int64_t off, int64_t len, const Params<A>& P,
   }
 }
 
-// `t` broadcast to `shape` with each row t[b] one contiguous block (any batch stride, so an
-// expanded row costs no copy); otherwise a contiguous copy. Converted to `dtype` first.
-at::Tensor row_contiguous(const at::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype) {
-  at::Tensor x = t.to(dtype).expand(shape);
-  const int64_t C = shape[1], H = shape[2], W = shape[3];
-  const auto s = x.strides();
-  const bool ok = (s[3] == 1 || W == 1) && (s[2] == W || H == 1) && (s[1] == H * W || C == 1);
-  return ok ? x : x.contiguous();
-}
-
-struct Maps {
-  at::Tensor z, u, c, n, o, p;
-  bool has_n = false, has_o = false, has_p = false;
-};
-
 // elements per chunk: two math-dtype buffers on the stack, small enough to stay in L1
 constexpr int64_t kChunk = 512;
 
 template <typename T, typename A>
-void run(const Maps& maps, const std::vector<A>& w, const std::vector<bool>& pinned, const at::Tensor& blend,
-         const Params<A>& P, at::Tensor& out) {
+void run(pyinv_step::Prepared& r) {
+  at::Tensor& out = r.out;
   const int64_t B = out.size(0), C = out.size(1), HW = out.size(2) * out.size(3);
   const int64_t n_row = C * HW;
+  Params<A> P;
+  P.sqrt_at = static_cast<A>(r.sqrt_at);
+  P.sqrt_1m_at = static_cast<A>(r.sqrt_1m_at);
+  P.sqrt_as = static_cast<A>(r.sqrt_as);
+  P.direction = static_cast<A>(r.direction);
+  P.sigma = static_cast<A>(r.sigma);
+  P.v_prediction = r.v_prediction;
+  const A* w = r.w.const_data_ptr<A>();
+  const uint8_t* pinned = r.pinned.defined() ? r.pinned.const_data_ptr<uint8_t>() : nullptr;
+  auto ptr = [](const at::Tensor& t, int64_t b) { return t.defined() ? t.const_data_ptr<T>() + b * t.stride(0) : nullptr; };
   auto row_of = [&](int64_t b) {
-    Row<T, A> r;
-    r.z = maps.z.const_data_ptr<T>() + b * maps.z.stride(0);
-    r.u = maps.u.const_data_ptr<T>() + b * maps.u.stride(0);
-    r.c = maps.c.const_data_ptr<T>() + b * maps.c.stride(0);
-    r.n = maps.has_n ? maps.n.const_data_ptr<T>() + b * maps.n.stride(0) : nullptr;
-    r.o = maps.has_o ? maps.o.const_data_ptr<T>() + b * maps.o.stride(0) : nullptr;
-    r.p = maps.has_p && pinned[b] ? maps.p.const_data_ptr<T>() + b * maps.p.stride(0) : nullptr;
-    r.w = w[b];
-    return r;
+    Row<T, A> row;
+    row.z = ptr(r.z, b), row.u = ptr(r.u, b), row.c = ptr(r.c, b), row.n = ptr(r.n, b), row.o = ptr(r.o, b);
+    row.p = pinned == nullptr || pinned[b] != 0 ? ptr(r.p, b) : nullptr;
+    row.w = w[b];
+    return row;
   };
-  const bool has_blend = blend.defined();
-  const A* bm = has_blend ? blend.const_data_ptr<A>() : nullptr;
-  const int64_t bs0 = has_blend ? blend.stride(0) : 0, bs1 = has_blend ? blend.stride(1) : 0;
+  // the loops read the blend mask one (b, channel) plane at a time
+  const bool has_blend = r.blend.defined();
+  if (has_blend) {
+    const auto s = r.blend.strides();
+    if (!((s[3] == 1 || out.size(3) == 1) && (s[2] == out.size(3) || out.size(2) == 1))) r.blend = r.blend.contiguous();
+  }
+  const A* bm = has_blend ? r.blend.const_data_ptr<A>() : nullptr;
+  const int64_t bs0 = has_blend ? r.blend.stride(0) : 0, bs1 = has_blend ? r.blend.stride(1) : 0;
   T* dst = out.data_ptr<T>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1));
   at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
@@ -141,11 +141,11 @@ void run(const Maps& maps, const std::vector<A>& w, const std::vector<bool>& pin
     const Row<T, A> r0 = row_of(0);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t b = plane / C, ch = plane % C, off = ch * HW;
-      const Row<T, A> r = row_of(b);
+      const Row<T, A> rb = row_of(b);
       T* o = dst + b * n_row + off;
       for (int64_t j = 0; j < HW; j += kChunk) {
         const int64_t len = std::min(kChunk, HW - j);
-        row_chunk(r, off + j, len, P, value);
+        row_chunk(rb, off + j, len, P, value);
         if (has_blend) {
           // LocalBlend: row 0's stepped value at the same offsets, recomputed here
           row_chunk(r0, off + j, len, P, source);
@@ -164,65 +164,22 @@ at::Tensor guided_step_cpu(const at::Tensor& latents, const at::Tensor& out_unco
                            const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& offset,
                            const std::optional<at::Tensor>& pin, const std::optional<at::Tensor>& pin_mask,
                            const std::optional<at::Tensor>& blend_mask) {
-  TORCH_CHECK(latents.dim() == 4, "pyinv::guided_step (cpu): latents must be (B, C, H, W), got ", latents.sizes());
-  TORCH_CHECK(at::isFloatingType(latents.scalar_type()), "pyinv::guided_step (cpu): latents must be floating point");
-  TORCH_CHECK(!pin_mask.has_value() || pin.has_value(), "pyinv::guided_step (cpu): pin_mask given without pin");
-  const auto shape = latents.sizes();
-  const int64_t B = shape[0];
-  const at::ScalarType dtype = latents.scalar_type();
-  const at::ScalarType acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  const bool use_noise = noise.has_value() && sigma > 0.0;
-
-  // One input dtype for all maps: the latents' when they all share it, else the math dtype
-  // (exact for half inputs, which the reference converts the same way).
-  bool same = out_uncond.scalar_type() == dtype && out_cond.scalar_type() == dtype;
-  if (use_noise) same = same && noise->scalar_type() == dtype;
-  if (offset.has_value()) same = same && offset->scalar_type() == dtype;
-  if (pin.has_value()) same = same && pin->scalar_type() == dtype;
-  const at::ScalarType in = same ? dtype : acc;
-
-  Maps maps;
-  maps.z = row_contiguous(latents, shape, in);
-  maps.u = row_contiguous(out_uncond, shape, in);
-  maps.c = row_contiguous(out_cond, shape, in);
-  if (use_noise) maps.n = row_contiguous(*noise, shape, in), maps.has_n = true;
-  if (offset.has_value()) maps.o = row_contiguous(*offset, shape, in), maps.has_o = true;
-  if (pin.has_value()) maps.p = row_contiguous(*pin, shape, in), maps.has_p = true;
-
-  at::Tensor g = guidance.to(at::kCPU, acc).reshape({-1}).expand({B}).contiguous();
-  std::vector<bool> pinned(B, true);
-  if (pin_mask.has_value()) {
-    at::Tensor pm = pin_mask->to(at::kCPU, at::kBool).reshape({-1}).expand({B}).contiguous();
-    for (int64_t b = 0; b < B; ++b) pinned[b] = pm.const_data_ptr<bool>()[b];
+  TORCH_CHECK(latents.device().is_cpu(), "pyinv::guided_step_cpp: latents must be a CPU tensor");
+  pyinv_step::Prepared r = pyinv_step::prepare("pyinv::guided_step_cpp", latents, out_uncond, out_cond, guidance,
+                                               alpha_t, alpha_s, v_prediction, sigma, noise, offset, pin, pin_mask,
+                                               blend_mask);
+  if (r.out.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.in, "pyinv_guided_step_cpu",
+                                    [&] { run<scalar_t, at::opmath_type<scalar_t>>(r); });
   }
-  at::Tensor blend;
-  if (blend_mask.has_value()) {
-    blend = blend_mask->to(acc).expand(shape);
-    const auto s = blend.strides();
-    if (!((s[3] == 1 || shape[3] == 1) && (s[2] == shape[3] || shape[2] == 1))) blend = blend.contiguous();
-  }
-
-  at::Tensor out = at::empty(shape, latents.options().dtype(in).memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) return out.to(dtype);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in, "pyinv_guided_step_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
-    const A* gp = g.const_data_ptr<A>();
-    std::vector<A> w(gp, gp + B);
-    Params<A> P;
-    P.sqrt_at = static_cast<A>(std::sqrt(alpha_t));
-    P.sqrt_1m_at = static_cast<A>(std::sqrt(1.0 - alpha_t));
-    P.sqrt_as = static_cast<A>(std::sqrt(alpha_s));
-    P.direction = static_cast<A>(std::sqrt(std::max(1.0 - alpha_s - sigma * sigma, 0.0)));
-    P.sigma = static_cast<A>(sigma);
-    P.v_prediction = v_prediction;
-    run<scalar_t, A>(maps, w, pinned, blend, P, out);
-  });
-  return in == dtype ? out : out.to(dtype);
+  return r.in == latents.scalar_type() ? r.out : r.out.to(latents.scalar_type());
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyinv, CPU, m) { m.impl("guided_step", &guided_step_cpu); }
+TORCH_LIBRARY_FRAGMENT(pyinv, m) { m.def("guided_step_cpp" PYINV_GUIDED_STEP_SCHEMA); }
+
+TORCH_LIBRARY_IMPL(pyinv, CPU, m) { m.impl("guided_step_cpp", &guided_step_cpu); }
 
 // Built by setup.py (which defines TORCH_EXTENSION_NAME): an importable module pyinv._C whose
 // import registers the kernel above. Built by CMake: a plain library for torch.ops.load_library.

@@ -8,20 +8,24 @@ in every map). Its implementation is chosen once per device type and cached:
 ============  =====================================================================
 device type   implementation
 ============  =====================================================================
-``cuda``      ``triton`` when the ``triton`` package imports, else ``reference``
+``cuda``      the faster of ``cuda`` (the compiled extension ``pyinv._C_cuda``) and
+              ``triton``, timed on the first call's own arguments; whichever of the
+              two is present when only one is; else ``reference``
 ``cpu``       ``cpp`` when the compiled extension ``pyinv._C`` is present, else
               ``reference``
 other         ``reference``
 ============  =====================================================================
 
-The environment variable ``PYINV_STEP_IMPL=reference|triton|cpp`` overrides the choice for
-every device type (read at the first call on each device type); an implementation that
-cannot run on a device raises a clear error there. ``triton`` on CPU needs
-``TRITON_INTERPRET=1`` (set before ``triton`` is imported); ``cpp`` is CPU only.
+The environment variable ``PYINV_STEP_IMPL=reference|triton|cpp|cuda`` overrides the
+choice for every device type (read at the first call on each device type); an
+implementation that cannot run on a device raises a clear error there. ``triton`` on CPU
+needs ``TRITON_INTERPRET=1`` (set before ``triton`` is imported); ``cpp`` is CPU only and
+``cuda`` CUDA only.
 
-The compiled extension registers its CPU kernel under the same op name
-(``TORCH_LIBRARY_IMPL(pyinv, CPU, …)``), so it is loaded only when ``cpp`` is chosen for
-CPU; once loaded it serves every CPU call of the op in this process.
+The compiled extensions define their own ops, ``pyinv::guided_step_cpp`` (CPU) and
+``pyinv::guided_step_cuda`` (CUDA), with the same arguments; the Python implementation of
+``pyinv::guided_step`` calls the chosen one. An extension is loaded when its
+implementation is first used.
 
 Nothing here queries a device at import time: the choice for a device type is made when
 the op first runs on it (or when :func:`availability` is asked, which only inspects
@@ -33,6 +37,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import statistics
 import warnings
 from collections.abc import Callable
 from typing import Optional
@@ -44,42 +49,57 @@ from .kernels.guided_step import HAS_TRITON, guided_step_reference, guided_step_
 #: environment variable overriding the implementation choice
 ENV_IMPL = "PYINV_STEP_IMPL"
 #: every implementation name an op may have
-IMPL_NAMES = ("reference", "triton", "cpp")
+IMPL_NAMES = ("reference", "triton", "cpp", "cuda")
 #: device types :func:`availability` reports on
 DEVICE_TYPES = ("cpu", "cuda")
+#: preferred implementations per device type, best first; where several compiled ones are
+#: usable on a device that can time them (CUDA), the fastest is measured at the first call
+PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
+#: implementation → (extension module, its op, the dispatch key it registers)
+EXTENSIONS = {
+    "cpp": ("pyinv._C", "pyinv::guided_step_cpp", "CPU"),
+    "cuda": ("pyinv._C_cuda", "pyinv::guided_step_cuda", "CUDA"),
+}
+_BUILD_HINT = {
+    "cpp": "it is not built (python setup.py build_ext --inplace)",
+    "cuda": "it is not built (it needs a CUDA build of torch and nvcc: python setup.py build_ext --inplace)",
+}
 
-_EXTENSION = "pyinv._C"
-_ext_loaded: bool | None = None  # None: not tried; False: tried and failed
-_ext_error: str | None = None
+_ext_state: dict[str, tuple[bool, str | None]] = {}  # implementation → (loaded, error)
 _ACTIVE: dict[str, str] = {}  # device type → chosen implementation of guided_step
+_MEASURED: dict[str, dict[str, float]] = {}  # device type → {implementation: median ms at first call}
 
 
 def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
 
 
-def _extension_present() -> bool:
-    """Whether the compiled extension was built (a file check; nothing is loaded)."""
-    if _ext_loaded is not None:
-        return _ext_loaded
+def _extension_present(impl: str = "cpp") -> bool:
+    """Whether the compiled extension of ``impl`` was built (a file check; nothing is loaded)."""
+    if impl in _ext_state:
+        return _ext_state[impl][0]
     try:
-        return importlib.util.find_spec(_EXTENSION) is not None
+        return importlib.util.find_spec(EXTENSIONS[impl][0]) is not None
     except (ImportError, ValueError):
         return False
 
 
-def load_extension() -> bool:
-    """Load ``pyinv._C`` (registering its CPU kernels) once; ``True`` when it loaded."""
-    global _ext_loaded, _ext_error
-    if _ext_loaded is None:
+def load_extension(impl: str = "cpp") -> bool:
+    """Load the compiled extension of ``impl`` (``cpp`` or ``cuda``) once, registering its
+    op; ``True`` when it loaded and registered its kernel."""
+    if impl not in _ext_state:
+        module, op, key = EXTENSIONS[impl]
         try:
-            importlib.import_module(_EXTENSION)
-            _ext_loaded = torch._C._dispatch_has_kernel_for_dispatch_key("pyinv::guided_step", "CPU")
-            if not _ext_loaded:  # an extension built from other sources: do not recurse into the op
-                _ext_error = "it registers no CPU kernel for pyinv::guided_step"
-        except (ImportError, OSError) as exc:
-            _ext_loaded, _ext_error = False, f"{type(exc).__name__}: {exc}"
-    return _ext_loaded
+            importlib.import_module(module)
+            ok = torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+            _ext_state[impl] = (ok, None if ok else f"it registers no {key} kernel for {op}")
+        except (ImportError, OSError, RuntimeError) as exc:
+            _ext_state[impl] = (False, f"{type(exc).__name__}: {exc}")
+    return _ext_state[impl][0]
+
+
+def _ext_error(impl: str) -> str:
+    return (_ext_state.get(impl, (False, None))[1]) or _BUILD_HINT[impl]
 
 
 def _usable(name: str, device_type: str) -> tuple[bool, str]:
@@ -92,77 +112,140 @@ def _usable(name: str, device_type: str) -> tuple[bool, str]:
         if device_type == "cuda" or (device_type == "cpu" and _triton_interpreted()):
             return True, ""
         return False, f"triton does not run on {device_type} (on cpu only with TRITON_INTERPRET=1)"
-    if name == "cpp":
-        if device_type != "cpu":
-            return False, f"the C++ op runs on cpu only, not {device_type}"
-        if not _extension_present():
-            why = _ext_error or "it is not built (python setup.py build_ext --inplace)"
-            return False, f"the compiled extension {_EXTENSION} is unavailable: {why}"
+    if name in EXTENSIONS:
+        home = EXTENSIONS[name][2].lower()
+        if device_type != home:
+            return False, f"the {name} op runs on {home} only, not {device_type}"
+        if not _extension_present(name):
+            return False, f"the compiled extension {EXTENSIONS[name][0]} is unavailable: {_ext_error(name)}"
         return True, ""
     return False, f"unknown implementation {name!r} (choose from {', '.join(IMPL_NAMES)})"
 
 
-def _choose(device_type: str) -> str:
-    """The implementation for ``device_type``: the override or the default order."""
+def _forced(device_type: str) -> str | None:
+    """The implementation ``PYINV_STEP_IMPL`` asks for (checked), or ``None``."""
     forced = os.environ.get(ENV_IMPL, "").strip().lower()
-    if forced:
-        ok, why = _usable(forced, device_type)
-        if not ok:
-            raise RuntimeError(f"{ENV_IMPL}={forced}: cannot run guided_step on {device_type}: {why}")
-        return forced
-    preferred = {"cuda": ("triton", "reference"), "cpu": ("cpp", "reference")}.get(device_type, ("reference",))
-    return next(name for name in preferred if _usable(name, device_type)[0])
+    if not forced:
+        return None
+    ok, why = _usable(forced, device_type)
+    if not ok:
+        raise RuntimeError(f"{ENV_IMPL}={forced}: cannot run guided_step on {device_type}: {why}")
+    return forced
 
 
-def active(device_type: str) -> str:
-    """The implementation of ``guided_step`` on ``device_type``, chosen once and cached
-    (``cpp`` on CPU whenever the extension is loaded: its kernel then serves the op)."""
-    if device_type == "cpu" and _ext_loaded:
-        return "cpp"
+def candidates(device_type: str) -> list[str]:
+    """The implementations the default choice picks from on ``device_type``: the usable
+    compiled ones in order of preference, else ``["reference"]``."""
+    found = [name for name in PREFERENCE.get(device_type, ()) if _usable(name, device_type)[0]]
+    return found or ["reference"]
+
+
+def _time_ms(name: str, args: tuple, repeats: int = 20) -> float:
+    """Median milliseconds of one call of implementation ``name`` on CUDA ``args``."""
+    fn = _FUNCTIONS[name]
+    for _ in range(3):  # warm-up (Triton compiles here)
+        fn(*args)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _fastest(names: list[str], args: tuple) -> str:
+    """The fastest of ``names`` on ``args`` (CUDA tensors); implementations that fail are
+    dropped with a warning. The timings are kept for :func:`availability`."""
+    timings = {}
+    for name in names:
+        try:
+            timings[name] = _time_ms(name, args)
+        except Exception as exc:  # noqa: BLE001 - a broken implementation must not stop the step
+            warnings.warn(f"pyinv: guided_step {name} failed on cuda ({exc}); not using it", stacklevel=3)
+    if not timings:
+        return "reference"
+    _MEASURED["cuda"] = timings
+    return min(timings, key=timings.get)
+
+
+def active(device_type: str, sample: tuple | None = None) -> str:
+    """The implementation of ``guided_step`` on ``device_type``, chosen once and cached.
+
+    With several compiled candidates on CUDA, the first call's arguments ``sample`` are
+    used to time each and the fastest is kept (not while a CUDA graph is being captured:
+    then the first candidate runs and the choice is made at a later call).
+    """
     name = _ACTIVE.get(device_type)
+    if name is not None:
+        return name
+    name = _forced(device_type)
     if name is None:
-        name = _choose(device_type)
-        if name == "cpp" and not load_extension():
-            warnings.warn(f"pyinv: {_EXTENSION} failed to load ({_ext_error}); using the reference op", stacklevel=2)
-            name = "reference"
-        _ACTIVE[device_type] = name
+        names = candidates(device_type)
+        name = names[0]
+        if len(names) > 1 and device_type == "cuda":
+            if sample is None or torch.cuda.is_current_stream_capturing():
+                return name  # not measured yet: no caching
+            name = _fastest(names, sample)
+    if name in EXTENSIONS and not load_extension(name):
+        why = f"pyinv: {EXTENSIONS[name][0]} failed to load ({_ext_error(name)}); using the reference op"
+        warnings.warn(why, stacklevel=2)
+        name = "reference"
+    _ACTIVE[device_type] = name
     return name
 
 
 def reset_dispatch() -> None:
-    """Forget the cached choices (they are made again at the next call). A loaded
-    extension stays loaded: its CPU kernel keeps serving the op in this process."""
+    """Forget the cached choices and timings (they are made again at the next call)."""
     _ACTIVE.clear()
+    _MEASURED.clear()
 
 
 def availability() -> dict[str, dict]:
     """Per op: ``available`` (implementation → whether it exists here), per device type the
-    ``usable`` implementations and the ``active`` one (or ``"error: …"``, what an impossible
-    ``PYINV_STEP_IMPL`` would raise), and ``notes`` (why an implementation is missing). Only
-    packages and files are inspected; no device is queried and nothing is loaded, e.g.::
+    ``usable`` implementations and the ``active`` one (``"fastest of cuda, triton"`` until
+    the first call has timed them; ``"error: …"``, what an impossible ``PYINV_STEP_IMPL``
+    would raise), ``measured`` (first-call timings in ms, once made) and ``notes`` (why an
+    implementation is missing). Only packages and files are inspected; no device is queried
+    and nothing is loaded, e.g.::
 
-        {"guided_step": {"available": {"reference": True, "triton": True, "cpp": False},
-                         "usable": {"cpu": ["reference"], "cuda": ["reference", "triton"]},
-                         "active": {"cpu": "reference", "cuda": "triton"},
-                         "notes": {"cpp": "the compiled extension pyinv._C is unavailable: …"}}}
+        {"guided_step": {"available": {"reference": True, "triton": True, "cpp": True, "cuda": False},
+                         "usable": {"cpu": ["reference", "cpp"], "cuda": ["reference", "triton"]},
+                         "active": {"cpu": "cpp", "cuda": "triton"}, "measured": {},
+                         "notes": {"cuda": "the compiled extension pyinv._C_cuda is unavailable: …"}}}
     """
     ops = {}
     for op in ("guided_step",):
         act, usable, notes = {}, {}, {}
         for dev in DEVICE_TYPES:
             try:
-                act[dev] = "cpp" if dev == "cpu" and _ext_loaded else _ACTIVE.get(dev) or _choose(dev)
+                forced = _forced(dev)
+                names = candidates(dev)
+                if dev in _ACTIVE:
+                    act[dev] = _ACTIVE[dev]
+                elif forced or len(names) == 1:
+                    act[dev] = forced or names[0]
+                else:
+                    act[dev] = f"fastest of {', '.join(names)}"
             except RuntimeError as exc:
                 act[dev] = f"error: {exc}"
             usable[dev] = [name for name in IMPL_NAMES if _usable(name, dev)[0]]
         if not HAS_TRITON:
             notes["triton"] = _usable("triton", "cuda")[1]
-        if not _extension_present():
-            notes["cpp"] = _usable("cpp", "cpu")[1]
+        for impl, (_, _, key) in EXTENSIONS.items():
+            if not _extension_present(impl):
+                notes[impl] = _usable(impl, key.lower())[1]
         ops[op] = {
-            "available": {"reference": True, "triton": HAS_TRITON, "cpp": _extension_present()},
+            "available": {
+                "reference": True,
+                "triton": HAS_TRITON,
+                **{impl: _extension_present(impl) for impl in EXTENSIONS},
+            },
             "usable": usable,
             "active": act,
+            "measured": {dev: dict(t) for dev, t in _MEASURED.items()},
             "notes": notes,
         }
     return ops
@@ -173,37 +256,50 @@ def availability() -> dict[str, dict]:
 # ----------------------------------------------------------------------------------------
 
 
-def guided_step_cpp(
-    latents: torch.Tensor,
-    out_uncond: torch.Tensor,
-    out_cond: torch.Tensor,
-    guidance: torch.Tensor,
-    alpha_t: float,
-    alpha_s: float,
-    v_prediction: bool = False,
-    sigma: float = 0.0,
-    noise: torch.Tensor | None = None,
-    offset: torch.Tensor | None = None,
-    pin: torch.Tensor | None = None,
-    pin_mask: torch.Tensor | None = None,
-    blend_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The C++ kernel (``csrc/guided_step.cpp``, CPU tensors): loads the extension, whose
-    CPU registration then serves every CPU call of the op in this process."""
-    if not load_extension():
-        raise RuntimeError(f"the compiled extension {_EXTENSION} is unavailable: {_ext_error}")
-    if latents.device.type != "cpu":
-        raise RuntimeError(f"the C++ guided_step runs on cpu tensors, not {latents.device.type}")
-    return torch.ops.pyinv.guided_step.default(
-        latents, out_uncond, out_cond, guidance, float(alpha_t), float(alpha_s), bool(v_prediction), float(sigma),
-        noise, offset, pin, pin_mask, blend_mask,
-    )  # fmt: skip
+def _compiled(impl: str) -> Callable[..., torch.Tensor]:
+    """The compiled op of ``impl`` (``cpp``: ``csrc/guided_step.cpp``, CPU tensors;
+    ``cuda``: ``csrc/guided_step.cu``, CUDA tensors) with the reference's signature;
+    the extension is loaded at the first call."""
+    module, op_name, key = EXTENSIONS[impl]
+    device_type = key.lower()
 
+    def run(
+        latents: torch.Tensor,
+        out_uncond: torch.Tensor,
+        out_cond: torch.Tensor,
+        guidance: torch.Tensor,
+        alpha_t: float,
+        alpha_s: float,
+        v_prediction: bool = False,
+        sigma: float = 0.0,
+        noise: torch.Tensor | None = None,
+        offset: torch.Tensor | None = None,
+        pin: torch.Tensor | None = None,
+        pin_mask: torch.Tensor | None = None,
+        blend_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if not load_extension(impl):
+            raise RuntimeError(f"the compiled extension {module} is unavailable: {_ext_error(impl)}")
+        if latents.device.type != device_type:
+            raise RuntimeError(f"the {impl} guided_step runs on {device_type} tensors, not {latents.device.type}")
+        op = getattr(torch.ops.pyinv, op_name.split("::")[1])
+        return op(
+            latents, out_uncond, out_cond, guidance, float(alpha_t), float(alpha_s), bool(v_prediction),
+            float(sigma), noise, offset, pin, pin_mask, blend_mask,
+        )  # fmt: skip
+
+    run.__name__ = run.__qualname__ = f"guided_step_{impl}"
+    return run
+
+
+guided_step_cpp = _compiled("cpp")
+guided_step_cuda = _compiled("cuda")
 
 _FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "reference": guided_step_reference,
     "triton": guided_step_triton,
     "cpp": guided_step_cpp,
+    "cuda": guided_step_cuda,
 }
 
 
@@ -226,11 +322,11 @@ def guided_step_op(
     """``torch.ops.pyinv.guided_step``: the fused step (all arguments positional, see
     :mod:`pyinv.kernels.guided_step`); the result is a new contiguous ``(B, C, H, W)``
     tensor in ``latents.dtype``."""
-    fn = _FUNCTIONS[active(latents.device.type)]
-    out = fn(
+    args = (
         latents, out_uncond, out_cond, guidance, alpha_t, alpha_s, v_prediction, sigma,
         noise, offset, pin, pin_mask, blend_mask,
     )  # fmt: skip
+    out = _FUNCTIONS[active(latents.device.type, args)](*args)
     return out.contiguous()
 
 

@@ -218,13 +218,17 @@ def test_dispatch_choice_and_override(monkeypatch):
         info = ops.availability()["guided_step"]
         assert info["available"]["reference"] is True
         assert "reference" in info["usable"]["cpu"] and "cpp" not in info["usable"]["cuda"]
-        assert info["available"]["cpp"] or "cpp" in info["notes"]
-        assert info["active"]["cpu"] in ("reference", "cpp")
-        assert info["active"]["cuda"] == ("triton" if info["available"]["triton"] else "reference")
+        assert "cuda" not in info["usable"]["cpu"]
+        for impl in ("cpp", "cuda"):
+            assert info["available"][impl] or impl in info["notes"]
+        assert info["active"]["cpu"] == ("cpp" if info["available"]["cpp"] else "reference")
+        gpu = [n for n in ("cuda", "triton") if info["available"][n]]
+        expected = {0: "reference", 1: gpu[0] if gpu else None, 2: "fastest of cuda, triton"}[len(gpu)]
+        assert info["active"]["cuda"] == expected
         monkeypatch.setenv(ops.ENV_IMPL, "reference")
         ops.reset_dispatch()
-        cpu = "cpp" if ops._ext_loaded else "reference"  # a loaded extension serves CPU calls for good
-        assert ops.availability()["guided_step"]["active"] == {"cpu": cpu, "cuda": "reference"}
+        assert ops.availability()["guided_step"]["active"] == {"cpu": "reference", "cuda": "reference"}
+        assert ops.active("cpu") == "reference"
         monkeypatch.setenv(ops.ENV_IMPL, "nonsense")
         ops.reset_dispatch()
         assert ops.availability()["guided_step"]["active"]["cuda"].startswith("error:")
@@ -232,10 +236,53 @@ def test_dispatch_choice_and_override(monkeypatch):
             ops.active("cuda")
         monkeypatch.setenv(ops.ENV_IMPL, "cpp")
         ops.reset_dispatch()
-        with pytest.raises(RuntimeError, match="cpu only"):
+        with pytest.raises(RuntimeError, match="runs on cpu only"):
             ops.active("cuda")
+        monkeypatch.setenv(ops.ENV_IMPL, "cuda")
+        ops.reset_dispatch()
+        with pytest.raises(RuntimeError, match="runs on cuda only"):
+            ops.active("cpu")
     finally:
         monkeypatch.delenv(ops.ENV_IMPL, raising=False)
+        ops.reset_dispatch()
+
+
+def test_gpu_choice_is_the_faster_by_measurement(monkeypatch):
+    """With both CUDA and Triton usable, the first call's arguments time each and the
+    faster is kept; a failing implementation is dropped; no sample, no caching."""
+    from pyinv import ops
+
+    timings = {"cuda": 0.020, "triton": 0.012}
+    calls = []
+
+    def fake_time(name, args, repeats=20):
+        calls.append(name)
+        if timings[name] is None:
+            raise RuntimeError("broken")
+        return timings[name]
+
+    monkeypatch.delenv(ops.ENV_IMPL, raising=False)
+    monkeypatch.setattr(ops, "candidates", lambda dev: ["cuda", "triton"] if dev == "cuda" else ["reference"])
+    monkeypatch.setattr(ops, "_time_ms", fake_time)
+    monkeypatch.setattr(ops, "load_extension", lambda impl: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    try:
+        ops.reset_dispatch()
+        assert ops.availability()["guided_step"]["active"]["cuda"] == "fastest of cuda, triton"
+        assert ops.active("cuda") == "cuda" and not calls  # no sample: the first candidate, not cached
+        assert ops.active("cuda", sample=("args",)) == "triton"
+        assert sorted(calls) == ["cuda", "triton"]
+        info = ops.availability()["guided_step"]
+        assert info["active"]["cuda"] == "triton" and info["measured"]["cuda"] == timings
+        assert ops.active("cuda", sample=("args",)) == "triton" and len(calls) == 2  # cached
+        timings.update(cuda=0.005)
+        ops.reset_dispatch()
+        assert ops.active("cuda", sample=("args",)) == "cuda"
+        timings.update(cuda=None)
+        ops.reset_dispatch()
+        with pytest.warns(UserWarning, match="cuda failed"):
+            assert ops.active("cuda", sample=("args",)) == "triton"
+    finally:
         ops.reset_dispatch()
 
 
