@@ -60,6 +60,16 @@ def _check_prompt(prompt: Any, what: str, allow_empty: bool = False) -> str:
     return prompt
 
 
+def _targets(target: str | Sequence[str]) -> list[str]:
+    """The target prompts as a checked, non-empty list."""
+    targets = [target] if isinstance(target, str) else list(target)
+    if not targets:
+        raise PyinvError("no target prompt given")
+    for k, prompt in enumerate(targets):
+        _check_prompt(prompt, "target prompt" if len(targets) == 1 else f"target prompt {k + 1}")
+    return targets
+
+
 def _check_guidance(guidance: float, what: str = "guidance") -> float:
     try:
         value = float(guidance)
@@ -99,6 +109,8 @@ class Editor:
 
     def encode(self, image: ImageInput) -> torch.Tensor:
         """Latents ``z0 (1, C, h, w)`` of an image."""
+        if isinstance(image, _Encoded):
+            return image.latents
         return self.model.encode_image(self.prepare_image(image))
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -144,6 +156,11 @@ class Editor:
         with _seeded(seed, self.model.device):
             return algo.invert(self.model, z0, source_prompt, steps, guidance, mode, self.progress, **options)
 
+    def invert_latents(self, z0: torch.Tensor, source_prompt: str = "", method: str = "direct", **kwargs: Any):
+        """:meth:`invert` from latents ``z0 (1, C, h, w)`` already encoded with :meth:`encode`
+        (the benchmark times the stages separately)."""
+        return self.invert(_Encoded(z0), source_prompt, method, **kwargs)
+
     # ------------------------------------------------------------------ edit
     def edit(
         self,
@@ -161,24 +178,12 @@ class Editor:
         also runs and returns the source branch (the reconstruction). ``options`` are
         method-specific edit options (``eta=`` for PTI, ``skip=`` for EF-DDPM, …).
         """
-        targets = [target] if isinstance(target, str) else list(target)
-        if not targets:
-            raise PyinvError("no target prompt given")
-        for k, prompt in enumerate(targets):
-            _check_prompt(prompt, "target prompt" if len(targets) == 1 else f"target prompt {k + 1}")
-        return self._edit(inversion, targets, guidance, control, with_source, seed, **options)
+        return self._edit(inversion, _targets(target), guidance, control, with_source, seed, **options)
 
     def _edit(self, inversion, targets: list[str], guidance, control, with_source, seed, **options) -> EditResult:
         inv = self.load_inversion(inversion) if not isinstance(inversion, Inversion) else inversion
-        inv.check_model(self.model)
-        algo = get_method(inv.method)
-        guidance = _check_guidance(algo.default_guidance if guidance is None else guidance)
-        unknown = set(options) - set(algo.edit_options)
-        if unknown:
-            raise PyinvError(f"method {algo.name!r} has no edit option(s) {', '.join(sorted(unknown))}")
         started = time.perf_counter()
-        with _seeded(seed, self.model.device):
-            out = algo.edit(self.model, inv, targets, guidance, control, with_source, self.progress, **options)
+        out = self._edit_latents(inv, targets, guidance, control, with_source, seed, **options)
         images = self.decode(out.targets) if len(out.targets) else []
         source_image = self.decode(out.source)[0] if out.source is not None else None
         return EditResult(
@@ -192,6 +197,30 @@ class Editor:
             batch_rows=out.batch_rows,
             seconds=time.perf_counter() - started,
         )
+
+    def _edit_latents(self, inv: Inversion, targets, guidance, control, with_source, seed, **options):
+        """The edit's latents (no decode): the method's :class:`~pyinv.inversion.base.EditOutput`."""
+        inv.check_model(self.model)
+        algo = get_method(inv.method)
+        guidance = _check_guidance(algo.default_guidance if guidance is None else guidance)
+        unknown = set(options) - set(algo.edit_options)
+        if unknown:
+            raise PyinvError(f"method {algo.name!r} has no edit option(s) {', '.join(sorted(unknown))}")
+        with _seeded(seed, self.model.device):
+            return algo.edit(self.model, inv, targets, guidance, control, with_source, self.progress, **options)
+
+    def edit_latents(
+        self,
+        inversion: Inversion,
+        target: str | Sequence[str],
+        guidance: float | None = None,
+        control: Controller | None = None,
+        seed: int | None = None,
+        **options: Any,
+    ):
+        """:meth:`edit` without decoding: the target latents ``(T, C, h, w)`` and the UNet
+        counts as an ``EditOutput`` (the benchmark times the edit and the decode apart)."""
+        return self._edit_latents(inversion, _targets(target), guidance, control, False, seed, **options)
 
     def reconstruct(self, inversion: Inversion, guidance: float | None = None, **options: Any) -> EditResult:
         """Run the source branch only: the method's reconstruction of the inverted image.
@@ -233,6 +262,13 @@ class Editor:
     def load_inversion(self, path: str | os.PathLike) -> Inversion:
         """Load an inversion file made with this editor's model (else a clear error)."""
         return Inversion.load(path, model=self.model)
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """Latents standing in for an image (see :meth:`Editor.invert_latents`)."""
+
+    latents: torch.Tensor
 
 
 class _seeded:
