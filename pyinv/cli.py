@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from .argtypes import non_negative_float, non_negative_int, positive_int, unit_float
+from .cli_bench import add_benchmark_parser
 from .cli_control import CONTROL_EPILOG, add_control_args, controller_from_args
 from .cli_eval import add_eval_parser
 from .errors import PyinvError
@@ -225,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     add_eval_parser(sub, _add_model_args)
+    add_benchmark_parser(sub)
 
     methods = sub.add_parser("methods", help="list the inversion methods", description="List the inversion methods.")
     methods.set_defaults(func=cmd_methods)
