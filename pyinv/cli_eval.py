@@ -1,4 +1,5 @@
-"""``pyinv eval``: editing-quality benchmarks (``shapes``: ShapesBench on the demo model)."""
+"""``pyinv eval``: editing-quality benchmarks (``shapes``: ShapesBench on the demo model;
+``pie-bench``: PIE-Bench on a real checkpoint)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from dataclasses import asdict
 
 from .argtypes import positive_int
+from .bench.pie_metrics import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_LPIPS, LPIPS_NETS, OFF
 from .bench.shapes_bench import CONTROLS, EDIT_KINDS
 
 EVAL_EPILOG = """\
@@ -43,6 +45,84 @@ def add_eval_parser(sub, add_model_args) -> None:
     sh.add_argument("--markdown", metavar="PATH", help="write the summary table as markdown")
     add_model_args(sh, "model preset or diffusers folder (default: demo)")
     sh.set_defaults(func=cmd_eval_shapes)
+    _add_pie_parser(benches, add_model_args)
+
+
+PIE_EPILOG = f"""\
+DIR holds PIE-Bench as distributed: DIR/mapping_file.json and the images under
+DIR/annotation_images/ (or under DIR itself). Without --method and --control it runs
+Direct Inversion + P2P (PIE-Bench's P2P settings on each entry's blended words); with them
+each chosen method with each chosen control. Edits are written to
+OUT/<method>+<control>/<folder of the image>/<id>.png; an edit whose file exists is not
+redone (the run resumes after an interruption; --rerun redoes them) and is scored from
+the file. Per-edit scores go to OUT/scores.csv (or --csv), in raw units.
+
+Metrics (at 512x512, as the reference evaluation): structure distance (DINO keys, x1e3),
+PSNR, LPIPS (x1e3), MSE (x1e4) and SSIM (x1e2) outside the edit mask, CLIP similarity of
+the whole edit and of the edited part with the target prompt. Metric models load from a
+local folder or a hub id; one that cannot be loaded (or is given as '{OFF}') makes its
+metric n/a, with the reason below the table. LPIPS needs torchvision.
+
+examples:
+  pyinv eval pie-bench --data PIE-Bench --model CompVis/stable-diffusion-v1-4 --device cuda
+  pyinv eval pie-bench --data PIE-Bench --model ./sd15 --method ddim --method direct \\
+      --control p2p --type 1 --type 6 --limit 20 --json pie.json --markdown pie.md
+  pyinv eval pie-bench --data PIE-Bench --model ./sd15 --dino ./dino-vitb8 --clip ./clip-vit-l14
+"""
+
+
+def _add_pie_parser(benches, add_model_args) -> None:
+    from .bench.pie_bench import EDITING_TYPES
+
+    pie = benches.add_parser(
+        "pie-bench",
+        help="PIE-Bench: 700 real images, 10 editing types, the reference's seven metrics",
+        description="PIE-Bench (PnP Inversion): invert each image, edit it towards its target prompt and "
+        "score structure, background preservation and CLIP similarity as the reference evaluation does.",
+        epilog=PIE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pie.add_argument("--data", required=True, metavar="DIR", help="PIE-Bench folder (with mapping_file.json)")
+    pie.add_argument("--method", action="append", metavar="NAME", help="inversion method (repeatable)")
+    pie.add_argument("--control", action="append", choices=CONTROLS, help="attention control (repeatable)")
+    pie.add_argument(
+        "--out",
+        default="pie-bench-output",
+        metavar="DIR",
+        help="folder of the edited images (default pie-bench-output)",
+    )
+    pie.add_argument("--rerun", action="store_true", help="redo edits whose files already exist")
+    pie.add_argument(
+        "--type",
+        action="append",
+        choices=list(EDITING_TYPES),
+        metavar="ID",
+        help="editing type 0-9 (repeatable; default all): " + ", ".join(f"{k} {v}" for k, v in EDITING_TYPES.items()),
+    )
+    pie.add_argument("--limit", type=positive_int, metavar="N", help="only the first N entries (after --type)")
+    pie.add_argument("--steps", type=positive_int, metavar="N", help="inference steps (default: each method's)")
+    g = pie.add_argument_group("metric models")
+    g.add_argument(
+        "--dino",
+        default=DEFAULT_DINO,
+        metavar="PATH_OR_HUB_ID",
+        help=f"DINO ViT for structure (default {DEFAULT_DINO})",
+    )
+    g.add_argument(
+        "--clip", default=DEFAULT_CLIP, metavar="PATH_OR_HUB_ID", help=f"CLIP model (default {DEFAULT_CLIP})"
+    )
+    g.add_argument(
+        "--lpips",
+        default=DEFAULT_LPIPS,
+        choices=[*LPIPS_NETS, OFF],
+        help=f"LPIPS network (default {DEFAULT_LPIPS}; needs torchvision)",
+    )
+    r = pie.add_argument_group("reports")
+    r.add_argument("--csv", metavar="PATH", help="per-edit scores (default OUT/scores.csv)")
+    r.add_argument("--json", metavar="PATH", help="write settings, environment, summary and per-edit scores")
+    r.add_argument("--markdown", metavar="PATH", help="write the summary table as markdown")
+    add_model_args(pie, "model preset, diffusers folder or hub id (default: demo; PIE-Bench's numbers are for SD 1.x)")
+    pie.set_defaults(func=cmd_eval_pie_bench)
 
 
 def cmd_eval_shapes(args: argparse.Namespace) -> int:
@@ -85,6 +165,91 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(
             f"pyinv: eval shapes: {len(results)} edits of {len(cases)} cases in {time.perf_counter() - started:.0f} s",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _output_folder(path: str) -> str:
+    import os
+
+    from .errors import PyinvError
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise PyinvError(f"--out is a file, not a folder: {path}")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise PyinvError(f"cannot create the output folder {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def cmd_eval_pie_bench(args: argparse.Namespace) -> int:
+    import os
+
+    from .bench import pie_bench as pb
+    from .bench.pie_metrics import PieMetrics
+    from .bench.report import provenance, write_json, write_text
+    from .cli import DEFAULT_MODEL, _distinct, _quiet_libraries, _runtime, load_editor
+    from .imageio import check_writable
+
+    started = time.perf_counter()
+    configs = pb.matrix(args.method, args.control)
+    cases = pb.load_cases(args.data, args.type, args.limit)
+    out_dir = _output_folder(args.out)
+    csv_path = args.csv or os.path.join(out_dir, "scores.csv")
+    reports = [check_writable(p) for p in (csv_path, args.json, args.markdown) if p]
+    _distinct(reports)
+    device, dtype = _runtime(args)
+    with _quiet_libraries():
+        metrics = PieMetrics.load(args.dino, args.clip, args.lpips, device)
+    model = args.model or DEFAULT_MODEL
+    results = pb.run_pie_bench(
+        cases,
+        configs,
+        metrics,
+        out_dir,
+        lambda: load_editor(model, device, dtype, progress=False),
+        steps=args.steps,
+        seed=0 if args.seed is None else args.seed,
+        rerun=args.rerun,
+        progress=not args.quiet,
+    )
+    rows = pb.summarize(results)
+    notes = pb.notes(results, metrics.unavailable)
+    print("\n".join(pb.table_lines(rows) + notes))
+    pb.write_csv(csv_path, results)
+    if args.json:
+        settings = {
+            "model": model,
+            "dtype": str(dtype).replace("torch.", ""),
+            "data": os.path.abspath(args.data),
+            "images": len(cases),
+            "types": list(args.type or pb.EDITING_TYPES),
+            "limit": args.limit,
+            "steps": args.steps,
+            "configs": [c.label for c in configs],
+            "metric_models": {"dino": args.dino, "clip": args.clip, "lpips": args.lpips},
+            "scoring_side": pb.SIDE,
+        }
+        write_json(
+            args.json,
+            {
+                "benchmark": "pie-bench",
+                "settings": settings,
+                **provenance(device),
+                "unavailable": metrics.unavailable,
+                "notes": notes,
+                "summary": [asdict(r) for r in rows],
+                "edits": [asdict(r) for r in results],
+            },
+        )
+    if args.markdown:
+        write_text(args.markdown, pb.markdown_lines(rows, notes))
+    if not args.quiet:
+        print(
+            f"pyinv: eval pie-bench: {len(results)} edits of {len(cases)} images in "
+            f"{time.perf_counter() - started:.0f} s; per-edit scores in {csv_path}",
             file=sys.stderr,
         )
     return 0

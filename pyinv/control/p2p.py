@@ -136,16 +136,22 @@ class P2P(AttentionController, Controller):
         self.graph_static = bool(graph_static)
 
     @classmethod
-    def pie_bench(cls, source_word: str, target_word: str, graph_static: bool = False) -> P2P:
+    def pie_bench(
+        cls, source_word: str | None = None, target_word: str | None = None, graph_static: bool = False
+    ) -> P2P:
         """The P2P settings of PnP-Inversion's PIE-Bench runs: refine, cross-attention window
         0.4, self-attention window 0.6, LocalBlend on the edited words, and the target's
-        edited word reweighted ×2."""
+        edited word reweighted ×2. Without the words (an entry with no blended word) it is
+        refine with the same windows, no blend and no reweighting."""
+        if (source_word is None) != (target_word is None):
+            raise PyinvError("P2P.pie_bench needs both the source and the target word, or neither")
+        words = target_word is not None
         return cls(
             edit="refine",
             cross_replace=0.4,
             self_replace=0.6,
-            reweight={target_word: 2.0},
-            blend=LocalBlend(source_word, target_word),
+            reweight={target_word: 2.0} if words else None,
+            blend=LocalBlend(source_word, target_word) if words else None,
             graph_static=graph_static,
         )
 
