@@ -161,9 +161,8 @@ class DiffusionModel:
         embeddings → float32 model output ``(R, C, h, w)``. Counts calls and image-forwards."""
         self.unet_calls += 1
         self.unet_image_forwards += latents.shape[0]
-        out = self.unet(latents.to(self.dtype), t, encoder_hidden_states=embeddings.to(self.dtype), return_dict=False)[
-            0
-        ]
+        sample, text = latents.to(self.dtype), embeddings.to(self.dtype)
+        out = self.unet(sample, _timestep(t, latents.device), encoder_hidden_states=text, return_dict=False)[0]
         return out.to(self.latent_dtype)
 
     def fp32_unet(self) -> torch.nn.Module:
@@ -185,6 +184,7 @@ class DiffusionModel:
         self.unet_image_forwards += latents.shape[0]
         unet = self.fp32_unet()
         dt = self.latent_dtype
+        t = _timestep(t, latents.device)
         return unet(latents.to(dt), t, encoder_hidden_states=embeddings.to(dt), return_dict=False)[0].to(dt)
 
     def reset_counters(self) -> None:
@@ -225,6 +225,14 @@ TEXT_ENCODER_KEYS = (
     "hidden_act",
     "projection_dim",
 )
+
+
+def _timestep(t, device: torch.device) -> torch.Tensor:
+    """The timestep as a 0-d tensor: the UNet embeds it exactly as it would the number, and a
+    compiled UNet (``torch.compile``) treats it as an input instead of recompiling per step."""
+    if isinstance(t, torch.Tensor):
+        return t.to(device)
+    return torch.tensor(t, dtype=torch.float64 if isinstance(t, float) else torch.int64, device=device)
 
 
 def _jsonable(obj: Any) -> Any:

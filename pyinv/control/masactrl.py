@@ -87,6 +87,6 @@ class MasaCtrl(AttentionController, Controller):
         self._kv = self._source_kv if self.active else self._identity
 
     def attend(self, layer: AttentionLayer, q, k, v, scale: float):
-        if not (self.active or self.graph_static):
+        if not (self.graph_static or self.active):
             return sdpa(q, k, v, scale)
         return sdpa(q, k.index_select(0, self._kv), v.index_select(0, self._kv), scale)

@@ -246,11 +246,11 @@ class P2P(AttentionController, Controller):
 
     def attend(self, layer: AttentionLayer, q, k, v, scale: float) -> torch.Tensor:
         if not layer.is_cross:
-            if not (self.self_active or self.graph_static):
+            if not (self.graph_static or self.self_active):
                 return sdpa(q, k, v, scale)
             idx = self._step_self_index
             return sdpa(q.index_select(0, idx), k.index_select(0, idx), v, scale)
-        edit = self.cross_active or self.graph_static
+        edit = self.graph_static or self.cross_active
         if edit:
             out = sdpa(q, k, v * self._key_scale[:, None, :, None], scale)
             from_source = self._from_source(q, k, v.index_select(0, self.target_cond), scale)

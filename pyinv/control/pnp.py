@@ -113,12 +113,12 @@ class PnP(AttentionController, Controller):
         self._qk = self._source if self.attention_active else self._identity
 
     def _inject_features(self, module, inputs, output: torch.Tensor) -> torch.Tensor | None:
-        if not (self.features_active or self.graph_static):
+        if not (self.graph_static or self.features_active):
             return None
         return output.index_select(0, self._features)
 
     def attend(self, layer: AttentionLayer, q, k, v, scale: float):
-        if not (self.attention_active or self.graph_static):
+        if not (self.graph_static or self.attention_active):
             return sdpa(q, k, v, scale)
         return sdpa(q.index_select(0, self._qk), k.index_select(0, self._qk), v, scale)
 
