@@ -63,7 +63,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from .bench import speed
     from .bench.report import provenance, write_json, write_text
     from .bench.speed_report import markdown_lines, plot, table_lines, target_lines
-    from .cli import DEFAULT_MODEL, _distinct, load_editor
+    from .cli import DEFAULT_MODEL, _distinct, _quiet_libraries, load_editor
     from .errors import PyinvError
     from .imageio import check_writable
     from .models import parse_device, parse_dtype
@@ -101,7 +101,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         warmup=args.warmup if args.warmup is not None else 1,
         repeats=args.repeats or (2 if args.quick else 3),
     )
-    rows = speed.run_bench(load, configs, settings, progress=not args.quiet)
+    with _quiet_libraries():  # e.g. torch.compile's warnings about the libraries' code
+        rows = speed.run_bench(load, configs, settings, progress=not args.quiet)
     info = provenance(device)
     targets = speed.targets(rows, device.type)
     print("\n".join(table_lines(rows, settings, info["device"]) + target_lines(targets)))

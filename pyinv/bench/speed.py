@@ -46,6 +46,9 @@ STAGES = ("encode", "invert", "edit", "decode", "e2e", "reedit")
 DEFAULT_METHODS = ("direct", "ddim", "negative-prompt", "edit-friendly")
 QUICK_METHODS = ("direct", "ddim")
 
+#: compiled graphs dynamo may keep per function under ``--backend compile``
+COMPILE_CACHE_LIMIT = 64
+
 SOURCE_PROMPT = "a red circle on a blue background"
 TARGET_PROMPT = "a green circle on a blue background"
 EDIT_WORDS = ("red", "green")
@@ -194,6 +197,12 @@ def with_backend(editor, backend: str):
         return editor
     from ..api import Editor
 
+    # Each model, batch size and controller layout compiles once; a benchmark matrix holds
+    # many, more than dynamo's default limit per function, past which it would run eagerly.
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), COMPILE_CACHE_LIMIT))
     model = replace(editor.model, unet=torch.compile(editor.model.unet, dynamic=False))
     model.reset_counters()
     return Editor(model, progress=editor.progress)
