@@ -36,6 +36,7 @@ from PIL import Image
 from ..errors import PyinvError
 from ..imageio import atomic_path, center_crop_resize, load_image, save_image
 from .pie_metrics import PieMetrics
+from .report import markdown_table, text_table
 from .shapes_bench import CONTROLS, BenchConfig, _mean
 from .shapes_bench import matrix as shapes_matrix
 
@@ -460,22 +461,12 @@ def _cells(row: PieSummary) -> list[str]:
 
 def table_lines(rows: Sequence[PieSummary]) -> list[str]:
     """A fixed-width text table of the summary."""
-    cells = [list(HEAD)] + [_cells(r) for r in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(HEAD))]
-    out = []
-    for n, line in enumerate(cells):
-        out.append(
-            "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
-        )
-        if n == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return out
+    return text_table([list(HEAD)] + [_cells(r) for r in rows], left=3)
 
 
 def markdown_lines(rows: Sequence[PieSummary], notes: Sequence[str] = ()) -> list[str]:
     """The summary as a markdown table, followed by the notes."""
-    out = ["| " + " | ".join(HEAD) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(HEAD))) + "|"]
-    out += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    out = markdown_table([list(HEAD)] + [_cells(r) for r in rows], left=3)
     return out + ([""] + [f"- {n}" for n in notes] if notes else [])
 
 

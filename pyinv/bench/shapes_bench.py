@@ -40,6 +40,7 @@ from ..errors import PyinvError
 from ..shapes.evaluate import read
 from ..shapes.world import COLORS, SHAPES, Scene, render, sample_scene, shape_mask
 from .metrics import masked_mse, masked_psnr, masked_ssim, to_unit_tensor
+from .report import markdown_table, text_table
 
 EDIT_KINDS = ("color", "shape", "background")
 CONTROLS = ("p2p", "masactrl", "pnp", "none")
@@ -342,23 +343,15 @@ def _cell(row: SummaryRow, key: str) -> str:
     return f"{value:.{digits}f}"
 
 
+def _cells(rows: Sequence[SummaryRow]) -> list[list[str]]:
+    return [[title for title, _ in COLUMNS]] + [[_cell(r, key) for _, key in COLUMNS] for r in rows]
+
+
 def table_lines(rows: Sequence[SummaryRow]) -> list[str]:
     """A fixed-width text table of the summary."""
-    cells = [[title for title, _ in COLUMNS]] + [[_cell(r, key) for _, key in COLUMNS] for r in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    out = []
-    for n, line in enumerate(cells):
-        out.append(
-            "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
-        )
-        if n == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return out
+    return text_table(_cells(rows), left=2)
 
 
 def markdown_lines(rows: Sequence[SummaryRow]) -> list[str]:
     """The summary as a markdown table."""
-    out = ["| " + " | ".join(title for title, _ in COLUMNS) + " |"]
-    out.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|")
-    out += ["| " + " | ".join(_cell(r, key) for _, key in COLUMNS) + " |" for r in rows]
-    return out
+    return markdown_table(_cells(rows), left=2)

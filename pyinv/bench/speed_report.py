@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from .report import markdown_table, text_table
 from .speed import BenchSettings, SpeedRow
 
 COLUMNS = (
@@ -45,16 +46,7 @@ def settings_line(settings: BenchSettings, device_name: str) -> str:
 
 def table_lines(rows: Sequence[SpeedRow], settings: BenchSettings, device_name: str) -> list[str]:
     """A fixed-width table for the terminal, the settings above it."""
-    cells = [list(COLUMNS), *(row_cells(r) for r in rows)]
-    widths = [max(len(c[i]) for c in cells if i < len(c)) for i in range(len(COLUMNS))]
-    lines = [settings_line(settings, device_name)]
-    for k, line in enumerate(cells):
-        first = line[0].ljust(widths[0])
-        rest = [cell.rjust(widths[i + 1]) for i, cell in enumerate(line[1:])]
-        lines.append("  ".join([first, *rest]))
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return lines
+    return [settings_line(settings, device_name), *text_table([list(COLUMNS), *(row_cells(r) for r in rows)])]
 
 
 def target_lines(targets: Sequence[dict[str, Any]]) -> list[str]:
@@ -69,9 +61,7 @@ def markdown_lines(
     rows: Sequence[SpeedRow], settings: BenchSettings, device_name: str, targets: Sequence[dict[str, Any]]
 ) -> list[str]:
     lines = ["# pyinv benchmark", "", settings_line(settings, device_name), ""]
-    lines.append("| " + " | ".join(COLUMNS) + " |")
-    lines.append("|---|" + "---:|" * (len(COLUMNS) - 1))
-    lines += ["| " + " | ".join(row_cells(r)) + " |" for r in rows]
+    lines += markdown_table([list(COLUMNS), *(row_cells(r) for r in rows)])
     lines += ["", *(f"- {line}" for line in target_lines(targets))]
     lines += [
         "",
