@@ -17,6 +17,7 @@ gives the median time of each stage (encode, invert, edit, decode), end to end (
 re-edit from a cached inversion (edit + decode), the UNet image-forwards, ms per forward,
 peak memory, the PSNR of the method's reconstruction and the speedup over the baseline
 (NTI + P2P: fp32, eager, 10 inner steps with early stop), measured in the same run.
+Ctrl-C stops the run and still writes the reports of the configurations measured so far.
 
 examples:
   pyinv benchmark --quick
@@ -63,7 +64,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from .bench import speed
     from .bench.report import provenance, write_json, write_text
     from .bench.speed_report import markdown_lines, plot, table_lines, target_lines
-    from .cli import DEFAULT_MODEL, _distinct, _quiet_libraries, load_editor
+    from .cli import DEFAULT_MODEL, EXIT_INTERRUPTED, _distinct, _quiet_libraries, load_editor
     from .errors import PyinvError
     from .imageio import check_writable
     from .models import parse_device, parse_dtype
@@ -102,7 +103,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         repeats=args.repeats or (2 if args.quick else 3),
     )
     with _quiet_libraries():  # e.g. torch.compile's warnings about the libraries' code
-        rows = speed.run_bench(load, configs, settings, progress=not args.quiet)
+        rows, interrupted = speed.run_bench(load, configs, settings, progress=not args.quiet)
     info = provenance(device)
     targets = speed.targets(rows, device.type)
     print("\n".join(table_lines(rows, settings, info["device"]) + target_lines(targets)))
@@ -119,6 +120,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         write_text(args.markdown, markdown_lines(rows, settings, info["device"], targets))
     if args.plot:
         plot(rows, args.plot, f"pyinv benchmark: {settings.model} on {info['device']}")
+    if interrupted:
+        print("pyinv: benchmark interrupted; the configurations measured so far are reported", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if not args.quiet:
         seconds = time.perf_counter() - started
         print(f"pyinv: benchmark: {len(configs)} configurations in {seconds:.0f} s", file=sys.stderr)

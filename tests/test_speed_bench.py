@@ -47,7 +47,9 @@ def rows(editor):
     """Baseline, Direct + P2P and DDIM + prompt swap on the tiny model, 3 steps, 1 run each."""
     settings = speed.BenchSettings("tiny", "cpu", editor.model.image_size, steps=3, warmup=0, repeats=1)
     configs = [speed.BASELINE, speed.SpeedConfig("direct", "p2p"), speed.SpeedConfig("ddim", "none")]
-    return speed.run_bench(lambda dtype, backend: editor, configs, settings, progress=False)
+    rows, interrupted = speed.run_bench(lambda dtype, backend: editor, configs, settings, progress=False)
+    assert not interrupted
+    return rows
 
 
 def test_stages_add_up_and_reedit_is_edit_plus_decode(rows):
@@ -118,7 +120,7 @@ def test_a_failing_configuration_is_reported_not_dropped(editor):
         return editor
 
     configs = [speed.SpeedConfig("direct", "none"), speed.SpeedConfig("direct", "none", dtype="bf16")]
-    ok, failed = speed.run_bench(load, configs, settings, progress=False)
+    (ok, failed), _ = speed.run_bench(load, configs, settings, progress=False)
     assert ok.error is None and ok.speedup is None  # no baseline in this run
     assert failed.error == "no bf16 here" and failed.stages == {}
     assert row_cells(failed)[-1] == "failed: no bf16 here"
@@ -142,6 +144,29 @@ def test_compile_backend_shares_weights_and_keeps_results(editor, monkeypatch):
     eager = editor.edit_latents(inv, speed.TARGET_PROMPT, control=speed.controller("p2p", True)).targets
     traced = compiled.edit_latents(inv, speed.TARGET_PROMPT, control=speed.controller("p2p", True)).targets
     torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_an_interrupted_run_reports_what_it_measured(editor, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the second configuration: the first is reported, the rest marked."""
+    real = speed.run_config
+    calls = []
+
+    def run_config(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(speed, "run_config", run_config)
+    path = tmp_path / "partial.json"
+    argv = ["benchmark", "--model", "tiny", "--method", "direct", "--method", "ddim", "--steps", "2",
+            "--warmup", "0", "--repeats", "1", "-q", "--json", str(path)]  # fmt: skip
+    assert run(argv) == 130
+    assert "interrupted" in capsys.readouterr().err
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["error"] for r in rows] == [None, "interrupted", "interrupted"]
+    assert rows[0]["baseline"] and rows[0]["stages"]["e2e"]["median"] > 0
+    assert len(calls) == 2  # nothing ran after the interrupt
 
 
 # ---------------------------------------------------------------------- the command

@@ -296,36 +296,47 @@ def run_config(
     return row
 
 
+def _failed(config: SpeedConfig, message: str) -> SpeedRow:
+    return SpeedRow(
+        config.label, config.method, config.control, config.backend, config.dtype, config.baseline, error=message
+    )
+
+
 def run_bench(
     load: Callable[[str, str], Any],
     configs: Sequence[SpeedConfig],
     settings: BenchSettings,
     progress: bool = True,
-) -> list[SpeedRow]:
+) -> tuple[list[SpeedRow], bool]:
     """Run every configuration; ``load(dtype, backend)`` gives the editor for a pair (the
-    caller caches). A configuration that fails is reported with its error, not dropped."""
+    caller caches). Returns the rows and whether the run was interrupted (Ctrl-C): then the
+    configurations not finished are rows with the error ``interrupted``, so what was measured
+    is still reported. A configuration that fails is reported with its error, not dropped."""
     from tqdm.auto import tqdm
 
-    rows = []
+    rows: list[SpeedRow] = []
+    interrupted = False
     total = len(configs) * (settings.warmup + settings.repeats)
     with tqdm(total=total, desc="benchmark", unit="run", disable=not progress, leave=False) as bar:
         for config in configs:
+            if interrupted:
+                rows.append(_failed(config, "interrupted"))
+                continue
             bar.set_postfix_str(config.label)
             try:
                 editor = load(config.dtype, config.backend)
                 rows.append(run_config(editor, config, settings, tick=lambda: bar.update(1)))
             except (PyinvError, RuntimeError, ValueError) as exc:
-                message = " ".join(str(exc).split()) or type(exc).__name__
-                rows.append(
-                    SpeedRow(config.label, config.method, config.control, config.backend, config.dtype,
-                             config.baseline, error=message)
-                )  # fmt: skip
+                rows.append(_failed(config, " ".join(str(exc).split()) or type(exc).__name__))
                 bar.update(settings.warmup + settings.repeats)
+            except KeyboardInterrupt:
+                interrupted = True
+                rows.append(_failed(config, "interrupted"))
     baseline = next((r for r in rows if r.baseline and r.error is None), None)
     for row in rows:
         if baseline is not None and row.error is None and row.ms("e2e"):
             row.speedup = baseline.ms("e2e") / row.ms("e2e")
-    return rows
+    return rows, interrupted
 
 
 # ---------------------------------------------------------------------- targets
