@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -39,6 +40,25 @@ def test_spread_median_and_quartiles():
     assert (s.median, s.q1, s.q3) == pytest.approx((3.0, 2.0, 4.0))
     one = speed.Spread.of([0.0025])
     assert one.median == one.q1 == one.q3 == pytest.approx(2.5)
+
+
+# ---------------------------------------------------------------------- the stage-wise API
+def test_stagewise_api_equals_the_one_call_api(editor):
+    image = speed.source_image(editor.model.image_size)
+    whole = editor.invert(image, speed.SOURCE_PROMPT, method="direct", steps=3)
+    z0 = editor.encode(image)
+    staged = editor.invert_latents(z0, speed.SOURCE_PROMPT, method="direct", steps=3)
+    for name, tensor in whole.tensors.items():
+        assert torch.equal(tensor, staged.tensors[name]), name
+    control = speed.controller("p2p", False)
+    out = editor.edit(whole, speed.TARGET_PROMPT, control=control)
+    latents = editor.edit_latents(staged, speed.TARGET_PROMPT, control=speed.controller("p2p", False))
+    assert torch.equal(out.latents, latents.targets) and out.unet_image_forwards == latents.unet_image_forwards
+    assert np.array_equal(np.asarray(editor.decode(latents.targets)[0]), np.asarray(out.images[0]))
+    with pytest.raises(PyinvError, match="no edit option"):
+        editor.edit_latents(staged, speed.TARGET_PROMPT, eta=0.5)
+    with pytest.raises(PyinvError, match="target prompt"):
+        editor.edit_latents(staged, "")
 
 
 # ---------------------------------------------------------------------- one configuration
