@@ -109,8 +109,6 @@ class Editor:
 
     def encode(self, image: ImageInput) -> torch.Tensor:
         """Latents ``z0 (1, C, h, w)`` of an image."""
-        if isinstance(image, _Encoded):
-            return image.latents
         return self.model.encode_image(self.prepare_image(image))
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -135,6 +133,25 @@ class Editor:
         offsets; EF-DDPM's cfg_src). ``options`` are method-specific (``form=`` for
         Direct Inversion, ``inner_steps=`` for NTI/PTI, …). ``seed`` seeds random draws.
         """
+        return self._invert(lambda: self.encode(image), source_prompt, method, steps, guidance, schedule, seed, options)
+
+    def invert_latents(
+        self,
+        z0: torch.Tensor,
+        source_prompt: str = "",
+        method: str = "direct",
+        steps: int | None = None,
+        guidance: float | None = None,
+        schedule: str | None = None,
+        seed: int | None = None,
+        **options: Any,
+    ) -> Inversion:
+        """:meth:`invert` from latents ``z0 (1, C, h, w)`` already encoded with :meth:`encode`
+        (the benchmark times the stages separately)."""
+        return self._invert(lambda: z0, source_prompt, method, steps, guidance, schedule, seed, options)
+
+    def _invert(self, latents, source_prompt, method, steps, guidance, schedule, seed, options) -> Inversion:
+        """Check the arguments, then get ``z0 = latents()`` and invert it."""
         algo = get_method(method)
         _check_prompt(source_prompt, "source prompt", allow_empty=not algo.needs_source_prompt)
         steps = algo.default_steps if steps is None else steps
@@ -152,14 +169,9 @@ class Editor:
         train = int(self.model.scheduler_config.get("num_train_timesteps", 1000))
         if steps > train:
             raise PyinvError(f"steps must be at most {train}, got {steps}")
-        z0 = self.encode(image)
+        z0 = latents()
         with _seeded(seed, self.model.device):
             return algo.invert(self.model, z0, source_prompt, steps, guidance, mode, self.progress, **options)
-
-    def invert_latents(self, z0: torch.Tensor, source_prompt: str = "", method: str = "direct", **kwargs: Any):
-        """:meth:`invert` from latents ``z0 (1, C, h, w)`` already encoded with :meth:`encode`
-        (the benchmark times the stages separately)."""
-        return self.invert(_Encoded(z0), source_prompt, method, **kwargs)
 
     # ------------------------------------------------------------------ edit
     def edit(
@@ -262,13 +274,6 @@ class Editor:
     def load_inversion(self, path: str | os.PathLike) -> Inversion:
         """Load an inversion file made with this editor's model (else a clear error)."""
         return Inversion.load(path, model=self.model)
-
-
-@dataclass(frozen=True)
-class _Encoded:
-    """Latents standing in for an image (see :meth:`Editor.invert_latents`)."""
-
-    latents: torch.Tensor
 
 
 class _seeded:
