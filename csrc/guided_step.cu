@@ -49,13 +49,8 @@ template <typename T>
 void launch(Prepared& r, cudaStream_t stream) {
   using A = at::opmath_type<T>;
   const StepArgs<T, A> a = step_args<T, A>(r);
-  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   const int64_t numel = r.out.numel();
-  if (r.vec == kVec) {
-    r.v_prediction ? launch_variant<kVec, true>(a, numel, stream) : launch_variant<kVec, false>(a, numel, stream);
-  } else {
-    r.v_prediction ? launch_variant<1, true>(a, numel, stream) : launch_variant<1, false>(a, numel, stream);
-  }
+  with_variant<T>(r, [&](auto vec, auto v) { launch_variant<decltype(vec)::value, decltype(v)::value>(a, numel, stream); });
 }
 
 at::Tensor guided_step_cuda(const at::Tensor& latents, const at::Tensor& out_uncond, const at::Tensor& out_cond,

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 #include "guided_step_kernel.cuh"
 
@@ -121,6 +122,21 @@ StepArgs<T, A> step_args(Prepared& r) {
   a.k = {static_cast<A>(r.sqrt_at), static_cast<A>(r.sqrt_1m_at), static_cast<A>(r.sqrt_as),
          static_cast<A>(r.direction), static_cast<A>(r.sigma)};
   return a;
+}
+
+// Calls fn(std::integral_constant<int, VEC>, std::bool_constant<V>) with the call's vector
+// width (16 / sizeof(T), or 1) and prediction type (v or ε), so the kernel's variants are
+// chosen in one place for the CUDA launcher and the host test loop.
+template <typename T, typename F>
+void with_variant(const Prepared& r, F&& fn) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  using Vector = std::integral_constant<int, kVec>;
+  using Scalar = std::integral_constant<int, 1>;
+  if (r.vec == kVec) {
+    r.v_prediction ? fn(Vector{}, std::true_type{}) : fn(Vector{}, std::false_type{});
+  } else {
+    r.v_prediction ? fn(Scalar{}, std::true_type{}) : fn(Scalar{}, std::false_type{});
+  }
 }
 
 }  // namespace pyinv_step

@@ -18,31 +18,17 @@ import pyinv
 from pyinv.bench.shapes_bench import BenchConfig, EditCase, controller_for
 from pyinv.shapes import Scene, render
 
+
+def _case(name: str, kind: str, source: Scene, **change) -> EditCase:
+    """An edit of ``source`` that changes the attributes in ``change``."""
+    return EditCase(name, kind, source, source.with_(**change))
+
+
 CASES = [
-    EditCase(
-        "color",
-        "color",
-        Scene("circle", "red", "blue", (0.5, 0.5), 0.25),
-        Scene("circle", "green", "blue", (0.5, 0.5), 0.25),
-    ),
-    EditCase(
-        "shape",
-        "shape",
-        Scene("square", "yellow", "purple", (0.45, 0.55), 0.22),
-        Scene("triangle", "yellow", "purple", (0.45, 0.55), 0.22),
-    ),
-    EditCase(
-        "background",
-        "background",
-        Scene("triangle", "white", "black", (0.55, 0.4), 0.24),
-        Scene("triangle", "white", "orange", (0.55, 0.4), 0.24),
-    ),
-    EditCase(
-        "color2",
-        "color",
-        Scene("square", "orange", "green", (0.4, 0.45), 0.2),
-        Scene("square", "purple", "green", (0.4, 0.45), 0.2),
-    ),
+    _case("color", "color", Scene("circle", "red", "blue", (0.5, 0.5), 0.25), color="green"),
+    _case("shape", "shape", Scene("square", "yellow", "purple", (0.45, 0.55), 0.22), shape="triangle"),
+    _case("background", "background", Scene("triangle", "white", "black", (0.55, 0.4), 0.24), background="orange"),
+    _case("color2", "color", Scene("square", "orange", "green", (0.4, 0.45), 0.2), color="purple"),
 ]
 CONFIGS = [
     BenchConfig("ddim", "none"),

@@ -37,7 +37,7 @@ from ..errors import PyinvError
 from ..imageio import atomic_path, center_crop_resize, load_image, save_image
 from .pie_metrics import PieMetrics
 from .report import markdown_table, text_table
-from .shapes_bench import CONTROLS, BenchConfig, _mean
+from .shapes_bench import CONTROLS, BenchConfig, _mean, by_config
 from .shapes_bench import matrix as shapes_matrix
 
 MAPPING_FILE = "mapping_file.json"
@@ -431,11 +431,8 @@ def _summary(method: str, control: str, kind: str, rs: list[PieResult]) -> PieSu
 
 def summarize(results: Sequence[PieResult]) -> list[PieSummary]:
     """Per configuration (in order of appearance): one row per editing type present, then ``"all"``."""
-    groups: dict[tuple[str, str], list[PieResult]] = {}
-    for r in results:
-        groups.setdefault((r.method, r.control), []).append(r)
     rows = []
-    for (method, control), rs in groups.items():
+    for (method, control), rs in by_config(results).items():
         for kind in sorted({r.editing_type for r in rs}, key=int):
             rows.append(_summary(method, control, kind, [r for r in rs if r.editing_type == kind]))
         rows.append(_summary(method, control, "all", rs))

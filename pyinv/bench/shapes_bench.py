@@ -286,13 +286,18 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def summarize(results: Sequence[CaseResult]) -> list[SummaryRow]:
-    """One row per (method, control), in the order they first appear."""
-    groups: dict[tuple[str, str], list[CaseResult]] = {}
+def by_config(results: Sequence) -> dict[tuple[str, str], list]:
+    """Results grouped by ``(method, control)``, in the order the pairs first appear."""
+    groups: dict[tuple[str, str], list] = {}
     for r in results:
         groups.setdefault((r.method, r.control), []).append(r)
+    return groups
+
+
+def summarize(results: Sequence[CaseResult]) -> list[SummaryRow]:
+    """One row per (method, control), in the order they first appear."""
     rows = []
-    for (method, control), rs in groups.items():
+    for (method, control), rs in by_config(results).items():
         kinds = {k: [r for r in rs if r.kind == k] for k in EDIT_KINDS}
         rows.append(
             SummaryRow(

@@ -23,13 +23,8 @@ template <typename T>
 void run(pyinv_step::Prepared& r) {
   using A = at::opmath_type<T>;
   const auto a = pyinv_step::step_args<T, A>(r);
-  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   const int64_t numel = r.out.numel();
-  if (r.vec == kVec) {
-    r.v_prediction ? loop<kVec, true>(a, numel) : loop<kVec, false>(a, numel);
-  } else {
-    r.v_prediction ? loop<1, true>(a, numel) : loop<1, false>(a, numel);
-  }
+  pyinv_step::with_variant<T>(r, [&](auto vec, auto v) { loop<decltype(vec)::value, decltype(v)::value>(a, numel); });
 }
 
 at::Tensor guided_step_cuda_body(const at::Tensor& latents, const at::Tensor& out_uncond, const at::Tensor& out_cond,
