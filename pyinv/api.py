@@ -23,6 +23,7 @@ from .errors import PyinvError
 from .imageio import center_crop_resize, load_image, pil_to_tensor, tensor_to_pil
 from .inversion import Inversion, get_method
 from .models import DiffusionModel, load_model
+from .schedule import SCHEDULE_MODES
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
@@ -161,8 +162,8 @@ class Editor:
             guidance = algo.default_inversion_guidance
         guidance = _check_guidance(algo.default_guidance if guidance is None else guidance)
         mode = schedule or algo.default_schedule
-        if mode not in ("reference", "checkpoint"):
-            raise PyinvError(f"unknown schedule {mode!r}; use 'reference' or 'checkpoint'")
+        if mode not in SCHEDULE_MODES:
+            raise PyinvError(f"unknown schedule {mode!r}; use one of {', '.join(SCHEDULE_MODES)}")
         unknown = set(options) - set(algo.invert_options)
         if unknown:
             raise PyinvError(f"method {algo.name!r} has no inversion option(s) {', '.join(sorted(unknown))}")

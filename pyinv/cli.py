@@ -32,11 +32,11 @@ from .cli_bench import add_benchmark_parser
 from .cli_control import CONTROL_EPILOG, add_control_args, controller_from_args
 from .cli_eval import add_eval_parser
 from .errors import PyinvError
+from .schedule import SCHEDULE_MODES
 
 PROG = "pyinv"
 DEFAULT_MODEL = "demo"
 DEFAULT_METHOD = "direct"
-SCHEDULES = ("reference", "checkpoint")
 FORMS = ("pinned", "offsets")
 
 #: Method options the command line exposes: API option name → flag.
@@ -95,7 +95,12 @@ def _add_invert_args(p: argparse.ArgumentParser) -> None:
         help=f"inversion method: {_method_names()} (default: {DEFAULT_METHOD}); see 'pyinv methods'",
     )
     g.add_argument("--steps", type=positive_int, metavar="N", help="inference steps (default: the method's)")
-    g.add_argument("--schedule", choices=SCHEDULES, help="timestep spacing (default: the method's)")
+    g.add_argument(
+        "--schedule",
+        choices=SCHEDULE_MODES,
+        help="timestep spacing: reference (the papers' code: 981, 961, …, 1 for 50 steps), checkpoint (the "
+        "model's own config), leading (980 … 0) or trailing (999 … 19); default: the method's",
+    )
     g.add_argument("--form", choices=FORMS, help="direct: pin the source branch (default) or use offsets")
     g.add_argument(
         "--inner-steps",

@@ -23,16 +23,33 @@ from typing import Any, Literal
 import torch
 
 PredictionType = Literal["epsilon", "v_prediction"]
-SpacingMode = Literal["reference", "checkpoint"]
+SpacingMode = Literal["reference", "checkpoint", "leading", "trailing"]
 
-#: Overrides that turn any SD scheduler config into the references' DDIM schedule
-#: (google/prompt-to-prompt, PnP Inversion): timesteps 980, 960, …, 0 for 50 steps.
+#: Overrides that turn any SD scheduler config into the references' DDIM schedule.
+#: google/prompt-to-prompt and PnP Inversion build ``DDIMScheduler(beta_start=0.00085,
+#: beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)``
+#: (``steps_offset=0``) and hand it to ``StableDiffusionPipeline``, whose constructor rewrites
+#: ``steps_offset`` to 1. So they run at 981, 961, …, 1 for 50 steps (801, 601, 401, 201, 1
+#: for 5), and the inversion's first step starts from ``alphas_cumprod[0]``.
 REFERENCE_OVERRIDES: dict[str, Any] = {
-    "steps_offset": 0,
+    "steps_offset": 1,
     "timestep_spacing": "leading",
     "set_alpha_to_one": False,
     "clip_sample": False,
 }
+
+#: The other spacings, named for what they are (the betas stay the checkpoint's):
+#: ``leading``: ``k·(T/N)`` with no offset (980, 960, …, 0 for 50 steps);
+#: ``trailing``: ``T − 1 − k·(T/N)`` counted from the top (999, 979, …, 19).
+SPACING_OVERRIDES: dict[str, dict[str, Any]] = {
+    "reference": REFERENCE_OVERRIDES,
+    "checkpoint": {},
+    "leading": {**REFERENCE_OVERRIDES, "steps_offset": 0},
+    "trailing": {**REFERENCE_OVERRIDES, "steps_offset": 0, "timestep_spacing": "trailing"},
+}
+
+#: The accepted ``schedule=`` values, the default first.
+SCHEDULE_MODES: tuple[str, ...] = tuple(SPACING_OVERRIDES)
 
 
 @dataclass(frozen=True)
@@ -95,18 +112,19 @@ def make_schedule(
 ) -> Schedule:
     """Build the ``num_steps``-step schedule from a diffusers scheduler config.
 
-    ``mode="reference"`` applies :data:`REFERENCE_OVERRIDES` (the papers' code);
-    ``mode="checkpoint"`` keeps the checkpoint's own spacing (e.g. SD's ``steps_offset=1``).
+    ``mode="reference"`` applies :data:`REFERENCE_OVERRIDES` (what the papers' code runs:
+    981, 961, …, 1 for 50 steps); ``mode="checkpoint"`` keeps the checkpoint's own spacing;
+    ``"leading"`` and ``"trailing"`` are the other spacings (:data:`SPACING_OVERRIDES`).
+    Whatever the spacing, ``prev(t) = t − T/N`` (diffusers' DDIM step).
     """
     from diffusers import DDIMScheduler
 
     if num_steps <= 0:
         raise ValueError(f"the number of steps must be positive, got {num_steps}")
     config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
-    if mode == "reference":
-        config.update(REFERENCE_OVERRIDES)
-    elif mode != "checkpoint":
-        raise ValueError(f"unknown schedule mode {mode!r} (use 'reference' or 'checkpoint')")
+    if mode not in SPACING_OVERRIDES:
+        raise ValueError(f"unknown schedule {mode!r} (use one of {', '.join(SCHEDULE_MODES)})")
+    config.update(SPACING_OVERRIDES[mode])
     config["clip_sample"] = False
     train_steps = int(config.get("num_train_timesteps", 1000))
     if num_steps > train_steps:

@@ -210,11 +210,11 @@ def test_save_load_roundtrip_edits_identically(ef_editor, ef_inv, tmp_path):
     assert torch.equal(a, b) and torch.equal(a, c)
 
 
-def test_reference_spacing_has_a_deterministic_last_step(ef_editor):
+def test_leading_spacing_has_a_deterministic_last_step(ef_editor):
     """With steps_offset=0 the last step goes from level 0 to the final level ᾱ_0: σ = 0, so
     its noise map is 0 and sampling reproduces the stored last latent, which is x_0 plus a
     little noise of level 0."""
-    inv = ef_editor.invert(synthetic_image(), SOURCE, method="edit-friendly", steps=STEPS, schedule="reference", seed=3)
+    inv = ef_editor.invert(synthetic_image(), SOURCE, method="edit-friendly", steps=STEPS, schedule="leading", seed=3)
     assert inv.schedule["timesteps"][-1] == 0
     assert torch.count_nonzero(inv["noise_maps"][-1]) == 0
     out = ef_editor.edit(inv, SOURCE, guidance=inv.guidance, skip=0)

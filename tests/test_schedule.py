@@ -1,27 +1,117 @@
 """The diffusion math: schedules, parameterisations and steps."""
 
 import math
+import warnings
 
 import pytest
 import torch
 
+import pyinv
 from pyinv.errors import PyinvError
 from pyinv.kernels.guided_step import guided_step_reference
 from pyinv.presets import SD_SCHEDULER_CONFIG
 from pyinv.schedule import ddim_step, ddpm_mean, make_schedule, split_prediction
 
 
-def test_reference_spacing_matches_the_papers_code():
-    s = make_schedule(SD_SCHEDULER_CONFIG, 50, "reference")
-    assert s.timesteps[0] == 980 and s.timesteps[-1] == 0 and len(s.timesteps) == 50
-    assert s.prev_timestep(980) == 960
-    # set_alpha_to_one=False: the level below t = 0 has ᾱ = alphas_cumprod[0]
-    assert s.alpha(-20) == pytest.approx(float(s.alphas_cumprod[0]))
+def _references_pipeline_scheduler(model, scheduler):
+    """The scheduler as the references' code ends up running it: handed to a
+    ``StableDiffusionPipeline`` made from the model's parts (whose constructor rewrites
+    ``steps_offset`` to 1)."""
+    from diffusers import StableDiffusionPipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the pipeline's deprecation notice about steps_offset
+        pipe = StableDiffusionPipeline(
+            vae=model.vae,
+            text_encoder=model.text_encoder,
+            tokenizer=model.tokenizer,
+            unet=model.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    return pipe.scheduler
 
 
-def test_checkpoint_spacing_keeps_steps_offset():
-    s = make_schedule(SD_SCHEDULER_CONFIG, 50, "checkpoint")
-    assert s.timesteps[0] == 981 and s.timesteps[-1] == 1
+def _references_ddim():
+    """google/prompt-to-prompt's and PnP Inversion's own scheduler."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False
+    )
+
+
+def _assert_same_schedule(ours, theirs, n):
+    theirs.set_timesteps(n)
+    assert list(ours.timesteps) == [int(t) for t in theirs.timesteps]
+    assert torch.equal(ours.alphas_cumprod, theirs.alphas_cumprod.to(torch.float64))
+    # the references' inversion starts from the level below the last timestep (their next_step
+    # with timestep − T/N < 0 takes final_alpha_cumprod); pyinv's DDIM inversion does the same
+    first = ours.timesteps[-1]
+    assert ours.prev_timestep(first) == first - theirs.config.num_train_timesteps // n < 0
+    assert ours.alpha(ours.prev_timestep(first)) == float(theirs.final_alpha_cumprod)
+    for t in ours.timesteps:
+        prev = t - theirs.config.num_train_timesteps // theirs.num_inference_steps
+        assert ours.prev_timestep(t) == prev
+
+
+@pytest.mark.parametrize("n", [5, 10, 50])
+def test_reference_schedule_is_what_the_references_pipeline_runs(editor, n):
+    theirs = _references_pipeline_scheduler(editor.model, _references_ddim())
+    assert theirs.config.steps_offset == 1  # the pipeline's rewrite the references run under
+    ours = make_schedule(editor.model.scheduler_config, n, "reference")
+    _assert_same_schedule(ours, theirs, n)
+    if n == 50:
+        assert ours.timesteps[0] == 981 and ours.timesteps[-1] == 1
+    if n == 5:
+        assert ours.timesteps == (801, 601, 401, 201, 1)
+
+
+@pytest.mark.parametrize("n", [5, 10, 50])
+def test_reference_schedule_on_the_demo_models_own_config(n):
+    from diffusers import DDIMScheduler
+
+    demo = pyinv.Editor.from_pretrained("demo").model
+    assert demo.scheduler_config["steps_offset"] == 0  # its own config: the rewrite matters here too
+    theirs = _references_pipeline_scheduler(demo, DDIMScheduler.from_config(demo.scheduler_config))
+    _assert_same_schedule(make_schedule(demo.scheduler_config, n, "reference"), theirs, n)
+
+
+def test_checkpoint_schedule_is_the_checkpoints_own_ddim_scheduler():
+    """EF-DDPM's reference loads the checkpoint's scheduler config into a DDIMScheduler itself
+    (no pipeline rewrite); pyinv's edit-friendly default is that schedule."""
+    from diffusers import DDIMScheduler
+
+    from pyinv.inversion import get_method
+
+    algo = get_method("edit-friendly")
+    assert algo.default_schedule == "checkpoint" and algo.default_steps == 100
+    for config in (SD_SCHEDULER_CONFIG, pyinv.Editor.from_pretrained("demo").model.scheduler_config):
+        theirs = DDIMScheduler.from_config(config)
+        _assert_same_schedule(make_schedule(config, 100, algo.default_schedule), theirs, 100)
+    assert make_schedule(SD_SCHEDULER_CONFIG, 100, "checkpoint").timesteps[:2] == (991, 981)
+
+
+def test_other_spacings_are_named_for_what_they_are():
+    leading = make_schedule(SD_SCHEDULER_CONFIG, 50, "leading")
+    assert leading.timesteps[0] == 980 and leading.timesteps[-1] == 0
+    trailing = make_schedule(SD_SCHEDULER_CONFIG, 50, "trailing")
+    assert trailing.timesteps[0] == 999 and trailing.timesteps[-1] == 19
+    assert make_schedule(SD_SCHEDULER_CONFIG, 50, "checkpoint").timesteps[0] == 981  # SD's own steps_offset=1
+    for s in (leading, trailing):
+        assert s.alpha(-1) == pytest.approx(float(s.alphas_cumprod[0]))  # set_alpha_to_one=False
+
+
+def test_an_inversion_file_from_before_the_schedule_fix_still_edits(editor, image, tmp_path):
+    """Files that recorded ``mode="reference"`` with 980 … 0 are rebuilt as ``leading``."""
+    inv = editor.invert(image, "a photo of a cat", method="ddim", steps=4, schedule="leading")
+    inv.schedule["mode"] = "reference"
+    inv.save(tmp_path / "old.safetensors")
+    old = editor.load_inversion(tmp_path / "old.safetensors")
+    out = editor.edit(old, "a photo of a dog")
+    assert out.unet_calls == 4 and old.schedule["timesteps"] == [750, 500, 250, 0]
 
 
 def test_scaled_linear_betas():
@@ -38,7 +128,7 @@ def test_steps_must_be_positive(bad):
 
 
 def test_unknown_mode():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="reference, checkpoint, leading, trailing"):
         make_schedule(SD_SCHEDULER_CONFIG, 10, "sideways")
 
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .. import loop
 from ..control.base import Controller
 from ..errors import PyinvError
-from ..schedule import Schedule, ddim_step, make_schedule
+from ..schedule import SCHEDULE_MODES, Schedule, ddim_step, make_schedule
 from .record import Inversion
 
 
@@ -143,11 +143,16 @@ class Method:
 
 
 def schedule_of(model, inv: Inversion) -> Schedule:
-    """Rebuild the schedule an inversion was made with."""
-    sched = make_schedule(model.scheduler_config, inv.num_steps, inv.schedule.get("mode", "reference"))
-    if list(sched.timesteps) != list(inv.schedule["timesteps"]):
-        raise PyinvError("the inversion's timesteps do not match this model's scheduler")
-    return sched
+    """Rebuild the schedule an inversion was made with: its recorded mode, or the mode whose
+    timesteps it holds (files written before ``reference`` meant 981 … 1 hold 980 … 0, which
+    is ``leading``)."""
+    recorded = inv.schedule.get("mode", "reference")
+    stored = [int(t) for t in inv.schedule["timesteps"]]
+    for mode in (recorded, *(m for m in SCHEDULE_MODES if m != recorded)):
+        sched = make_schedule(model.scheduler_config, inv.num_steps, mode)
+        if list(sched.timesteps) == stored:
+            return sched
+    raise PyinvError("the inversion's timesteps do not match this model's scheduler")
 
 
 def counters(model) -> tuple[int, int]:
@@ -158,7 +163,7 @@ def counters(model) -> tuple[int, int]:
 def ddim_invert(
     model, z0: torch.Tensor, cond: torch.Tensor, schedule: Schedule, progress: bool = False
 ) -> torch.Tensor:
-    """DDIM inversion (the pivot): ``z*_0 = z0``; for t = 0, 20, …, 980 (ascending)
+    """DDIM inversion (the pivot): ``z*_0 = z0``; for t = 1, 21, …, 981 (ascending)
     ``ε = ε(z*_{prev(t)}, t, c)`` (conditional only, one UNet call) and the DDIM move from
     level prev(t) to t. Returns the trajectory ``(N+1, C, h, w)``: index 0 is ``z0``,
     index k the latent at ``timesteps[N−k]``.

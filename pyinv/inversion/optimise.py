@@ -1,6 +1,6 @@
 """Per-step embedding optimisation shared by Null-text inversion and Prompt-tuning inversion.
 
-For sampling step i (t = timesteps[i], 980 → 0) with the running latent ``z̄_t``
+For sampling step i (t = timesteps[i], 981 → 1) with the running latent ``z̄_t``
 (``z̄_T = z*_T``) and the DDIM pivot ``z*``:
 
 - the optimised embedding ``e_t`` starts from the previous step's result (the first from ``init``);
