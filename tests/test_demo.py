@@ -9,6 +9,7 @@ import os
 import huggingface_hub.constants
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import pyinv
@@ -84,6 +85,18 @@ def test_quality_check_runs(demo):
     assert report.count == 3 and len(images) == 3
     assert 0.0 <= report.accuracy <= min(report.shape_accuracy, report.color_accuracy, report.background_accuracy)
     assert "samples" in report.lines()[0]
+
+
+def test_quality_report_carries_its_provenance(tmp_path, capsys):
+    from pyinv.shapes.quality import main as quality_main
+
+    path = tmp_path / "quality.json"
+    assert quality_main(["--count", "2", "--steps", "3", "--batch", "2", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["benchmark"] == "demo-quality" and report["device"] == "cpu"
+    assert report["settings"] == {"model": "demo", "count": 2, "steps": 3, "guidance": 7.5, "schedule": "reference"}
+    assert report["versions"]["torch"] == torch.__version__ and "commit" in report
+    assert report["count"] == 2 and 0.0 <= report["accuracy"] <= 1.0
 
 
 # ---------------------------------------------------------------------- command line

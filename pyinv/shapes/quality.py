@@ -12,7 +12,6 @@ colour. Reports overall accuracy and accuracy per attribute.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -135,8 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid:
         image_grid(images, columns=20).save(args.grid)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(asdict(report), f, indent=2)
+        from ..bench.report import provenance, write_json
+
+        settings = {"model": args.model, "count": args.count, "steps": args.steps, "guidance": args.guidance}
+        settings["schedule"] = "reference"
+        payload = {"benchmark": "demo-quality", "settings": settings, **provenance(editor.model.device)}
+        write_json(args.json, {**payload, **asdict(report)})
     return 0
 
 
