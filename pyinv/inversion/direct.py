@@ -10,8 +10,10 @@ branches together; the target is never corrected. Two equivalent forms:
   (batch 4); here ``o`` is computed in the edit's own loop from the source's outputs of the
   same UNet call (:class:`~pyinv.loop.EditProgram` ``source_offsets``): the same value in
   exact arithmetic (``z_src,t = z*_t``), and exact for the batch it is applied in whatever
-  that batch is (a pass at another batch size rounds differently on most devices, and
-  the source then drifts off the pivot step after step). No offset pass, no stored offsets.
+  that batch is. (A separate pass rounds differently wherever its batch size or attention
+  processors differ from the edit's, and the source then drifts off the pivot step after
+  step: 2e-4 after 50 steps on the tiny model in fp32 with a batch-2 pass.) No offset pass,
+  no stored offsets.
 - ``form="pinned"`` (default): after each step the source latent is set to ``z*_{prev(t)}``.
   The source's passes run only when the controller reads them (P2P reads the conditional
   one: batch 3 instead of 4; prompt swap reads none: batch 2).
