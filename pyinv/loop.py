@@ -44,8 +44,14 @@ class EditProgram:
         guidance: CFG scale per branch ``(B,)``.
         has_source: branch 0 is the source branch.
         source_pin: the pivot trajectory ``(N+1, C, h, w)`` (index k = level k steps up);
-            when given, after step i the source is set to ``trajectory[N−1−i]``.
-        source_offsets: per-step offsets ``(N, C, h, w)`` added to the source after step i.
+            when given, after step i the source is set to ``trajectory[N−1−i]`` (it is not
+            stepped, so its UNet passes run only when the controller reads them).
+        source_offsets: with ``source_pin``, Direct Inversion's reference form instead: the
+            source runs all its passes and is stepped like the other branches, and step i
+            adds ``o_i = trajectory[N−1−i] − step(z_src)``, with ``step(z_src)`` the same step
+            op on the source's own outputs of this UNet call. ``o_i`` is the reference's offset
+            evaluated in the batch it is applied in, so it cancels that batch's rounding and
+            the source stays on the pivot to within one rounding per step (DDIM programs).
         sigmas: per-step σ for DDPM sampling (``None`` = DDIM).
         noise: per-step noise maps ``(C, h, w)`` or ``(B, C, h, w)`` (with ``sigmas``).
         noise_adjust: optional ``f(i, x0_pred (B,C,h,w), noise) -> noise`` (EF-DDPM
@@ -63,7 +69,7 @@ class EditProgram:
     has_source: bool = False
     first_step: int = 0
     source_pin: torch.Tensor | None = None
-    source_offsets: torch.Tensor | None = None
+    source_offsets: bool = False
     sigmas: list[float] | None = None
     noise: PerStep | None = None
     noise_adjust: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -72,6 +78,11 @@ class EditProgram:
     @property
     def num_branches(self) -> int:
         return int(self.start.shape[0])
+
+    @property
+    def source_pinned(self) -> bool:
+        """The source is set to the pivot after every step instead of being stepped."""
+        return self.has_source and self.source_pin is not None and not self.source_offsets
 
 
 @dataclass
@@ -88,7 +99,7 @@ class LoopResult:
 def plan_layout(program: EditProgram, controller: Controller) -> BatchLayout:
     """The UNet batch rows: unconditional passes first, then conditional ones."""
     uncond_rows, cond_rows = [], []
-    pinned = program.has_source and program.source_pin is not None
+    pinned = program.source_pinned
     for b in range(program.num_branches):
         is_source = program.has_source and b == 0
         if is_source and pinned:
@@ -127,7 +138,7 @@ def run(
     row_branch = torch.tensor([b for b, _ in layout.rows], device=device, dtype=torch.long)
     cond_index, uncond_index = _gather_indices(layout, B, device)
     pin_mask = None
-    if program.has_source and program.source_pin is not None:
+    if program.source_pinned:
         pin_mask = torch.zeros(B, dtype=torch.bool, device=device)
         pin_mask[0] = True
     calls0, forwards0 = model.unet_calls, model.unet_image_forwards
@@ -158,16 +169,14 @@ def run(
                     x0 = _x0(out_u, out_c, guidance, latents, a_t, v_pred)
                     noise = program.noise_adjust(i, x0, noise)
             offset = pin = None
-            if program.has_source and program.source_offsets is not None:
-                offset = torch.zeros_like(latents)
-                offset[0] = program.source_offsets[i].to(device)
-            if pin_mask is not None:
-                pin = (
-                    program.source_pin[n - 1 - i]
-                    .to(device=device, dtype=model.latent_dtype)
-                    .unsqueeze(0)
-                    .expand_as(latents)
-                )
+            if program.has_source and program.source_pin is not None:
+                target = program.source_pin[n - 1 - i].to(device=device, dtype=model.latent_dtype)
+                if program.source_offsets:  # o_i from this call's own source outputs (EditProgram)
+                    stepped = ops.guided_step(latents[:1], out_u[:1], out_c[:1], guidance[:1], a_t, a_s, v_pred)
+                    offset = torch.zeros_like(latents)
+                    offset[0] = target - stepped[0]
+                else:
+                    pin = target.unsqueeze(0).expand_as(latents)
             latents = ops.guided_step(
                 latents,
                 out_u,

@@ -1,46 +1,69 @@
-"""Installed controllers keep the UNet traceable as one graph (``torch.compile(fullgraph=True)``).
+"""One compiled UNet graph per batch layout serves every step of a controlled edit.
 
-``graph_static=True`` makes the per-step control plain tensors (identity indices and zero
-matrices outside the windows), so the traced UNet is the same at every step. The test
-traces with the ``eager`` backend (graph capture without code generation, which is what
-can fail) and checks the compiled edit equals the eager one.
+The UNet is compiled with ``torch.compile(fullgraph=True, dynamic=False)`` and called on the
+real path (:meth:`DiffusionModel.unet_forward`: the timestep goes in as a 0-d tensor), with
+a backend that records each graph dynamo hands it and runs it as traced (graph capture
+without code generation, which is the part that can fail). Under ``fullgraph=True`` every
+compile, first or re-, hands over exactly one graph, so counting graphs counts compiles: a
+guard that fails at some step of an edit (a step-dependent Python value, a tensor that is
+``None`` at first, two names for one tensor at some steps only) shows up as a second graph.
+``TORCH_LOGS=recompiles`` names the guard.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+import pyinv
 from pyinv import P2P, LocalBlend, MasaCtrl, PnP
 
 SRC = "a photo of a red ball"
 TGT = "a photo of a blue cube"
+TGT2 = "a photo of a green cube"
+STEPS = 8
+
+CONTROLLERS = {
+    "p2p": lambda: P2P(
+        edit="refine", blend=LocalBlend("ball", "cube", threshold=0.97), reweight={"cube": 2.0}, graph_static=True
+    ),
+    "masactrl": lambda: MasaCtrl(start_step=1, graph_static=True),
+    "pnp": lambda: PnP(graph_static=True),
+}
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: P2P(blend=LocalBlend("ball", "cube", threshold=0.97), reweight={"cube": 2.0}, graph_static=True),
-        lambda: MasaCtrl(start_step=1, graph_static=True),
-        lambda: PnP(graph_static=True),
-    ],
-    ids=["p2p", "masactrl", "pnp"],
-)
-def test_controlled_unet_compiles_as_one_graph(editor, image, monkeypatch, make):
-    model = editor.model
-    inv = editor.invert(image, SRC, method="direct", steps=3)
-    eager = editor.edit(inv, TGT, control=make()).latents
+@pytest.fixture(scope="module")
+def inv(editor, image):
+    return editor.invert(image, SRC, method="direct", steps=STEPS)
 
+
+def compiled_editor(editor) -> tuple[pyinv.Editor, list]:
+    """An editor whose UNet is compiled (weights shared) and the list its graphs land in."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    unet = torch.compile(editor.model.unet, backend=record, fullgraph=True, dynamic=False)
+    return pyinv.Editor(dataclasses.replace(editor.model, unet=unet), progress=False), graphs
+
+
+@pytest.mark.parametrize("name", list(CONTROLLERS))
+def test_one_graph_per_layout_over_whole_edits(editor, inv, name):
+    make = CONTROLLERS[name]
+    layouts = {1: [TGT], 2: [TGT, TGT2]}  # one target, two targets: two batch layouts
+    eager = {k: editor.edit(inv, targets, control=make()).latents for k, targets in layouts.items()}
     torch._dynamo.reset()
-    compiled = torch.compile(model.unet, backend="eager", fullgraph=True)
-
-    def compiled_forward(latents, t, embeddings):
-        model.unet_calls += 1
-        model.unet_image_forwards += latents.shape[0]
-        out = compiled(latents.to(model.dtype), t, encoder_hidden_states=embeddings.to(model.dtype), return_dict=False)
-        return out[0].to(model.latent_dtype)
-
-    monkeypatch.setattr(model, "unet_forward", compiled_forward)
-    out = editor.edit(inv, TGT, control=make()).latents
-    torch._dynamo.reset()
-    assert torch.equal(out, eager)
+    try:
+        fast, graphs = compiled_editor(editor)
+        for count, (k, targets) in enumerate(layouts.items(), start=1):
+            for _ in range(2):  # a second edit (a new controller object) compiles nothing
+                out = fast.edit(inv, targets, control=make())
+                assert len(graphs) == count, f"{name}, {k} target(s): {len(graphs)} graphs for {count} layouts"
+                assert out.unet_calls == STEPS
+                assert torch.equal(out.latents, eager[k])
+    finally:
+        torch._dynamo.reset()

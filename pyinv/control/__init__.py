@@ -10,7 +10,4 @@ from .masactrl import MasaCtrl
 from .p2p import P2P, LocalBlend
 from .pnp import PnP
 
-#: ``--control`` names → controller classes
-CONTROLS = {"p2p": P2P, "masactrl": MasaCtrl, "pnp": PnP}
-
-__all__ = ["CONTROLS", "Controller", "LocalBlend", "MasaCtrl", "NoControl", "P2P", "PnP"]
+__all__ = ["Controller", "LocalBlend", "MasaCtrl", "NoControl", "P2P", "PnP"]

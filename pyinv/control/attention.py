@@ -217,7 +217,10 @@ class AttentionController:
 
     ``graph_static=True`` computes every controlled term at every step (identity indices,
     zero matrices outside the windows), so one UNet graph serves all steps, as a compiled or
-    exported UNet needs; the default skips work that is a no-op at a given step.
+    exported UNet needs; the default skips work that is a no-op at a given step. A compiled
+    UNet guards on what the processors read, so in that mode the per-step tensors keep their
+    shapes, exist from the first step (never ``None`` first) and are never one tensor under
+    two names at one step and two tensors at another (dynamo guards on such aliasing).
     """
 
     graph_static: bool = False
@@ -236,13 +239,14 @@ class AttentionController:
         self.num_steps = program.schedule.num_steps
         self.first_step = program.first_step
         self.latent_size = tuple(int(s) for s in program.start.shape[-2:])
-        self.install_state(model)
         chosen = self.controlled_layers(attention_layers(model.unet, self.latent_size))
+        self.install_state(model)
         self._saved = install(model.unet, {layer.name: ControlledAttention(self, layer) for layer in chosen})
         self._hooks = [module.register_forward_hook(fn) for module, fn in self.forward_hooks(model.unet)]
 
     def install_state(self, model) -> None:
-        """Per-edit tensors that depend on the batch layout (called by :meth:`install`)."""
+        """Per-edit tensors that depend on the batch layout (called by :meth:`install`, after
+        :meth:`controlled_layers`)."""
 
     def remove(self, model) -> None:
         for handle in getattr(self, "_hooks", []):

@@ -224,10 +224,13 @@ class P2P(AttentionController, Controller):
         self._alpha_steps = self.cross_alpha[:, order].to(dev)
         self._identity = rows.index(None)
         self._self_index = rows.index({"cond": "cond"})
-        self._blend_sum = None
         if self.blend is not None:
             self._blend_src = self.blend_source.to(dev)
             self._blend_tgt = self.blend_targets[order].to(dev)
+            # the running sum of word maps (1 + T, h·w), a tensor from the start (0 + maps = maps)
+            self._blend_sum = torch.zeros(
+                1 + len(order), self.blend_size[0] * self.blend_size[1], device=dev, dtype=torch.float32
+            )
 
     # ------------------------------------------------------------------ per step
     def begin_step(self, step: int, timestep: int) -> None:
@@ -284,10 +287,10 @@ class P2P(AttentionController, Controller):
         else:
             tgt = sdpa(q_t, k_t, e_tgt, scale)
         maps = torch.cat([src, tgt]).sum(1)[..., 0].float()  # (1 + T, n)
-        self._blend_sum = maps if self._blend_sum is None else self._blend_sum + maps
+        self._blend_sum = self._blend_sum + maps
 
     def blend_mask(self, step: int) -> torch.Tensor | None:
-        if self.blend is None or step - self.first_step < self.blend_start or self._blend_sum is None:
+        if self.blend is None or step - self.first_step < self.blend_start:
             return None
         return blend_mask_from_maps(self._blend_sum, self.blend_size, self.latent_size, self.blend.threshold)
 

@@ -105,12 +105,15 @@ class PnP(AttentionController, Controller):
     def install_state(self, model) -> None:
         self._identity = self.rows.index(None)
         self._source = self.rows.index({"uncond": "uncond", "cond": "uncond"})
+        # the step's row indices: two buffers refilled in place, so they are never one tensor
+        # at some steps and two at others (a compiled UNet would guard on that aliasing)
+        self._features, self._qk = self._source.clone(), self._source.clone()
 
     def begin_step(self, step: int, timestep: int) -> None:
         self.features_active = step < self.feature_until
         self.attention_active = step < self.attention_until
-        self._features = self._source if self.features_active else self._identity
-        self._qk = self._source if self.attention_active else self._identity
+        self._features.copy_(self._source if self.features_active else self._identity)
+        self._qk.copy_(self._source if self.attention_active else self._identity)
 
     def _inject_features(self, module, inputs, output: torch.Tensor) -> torch.Tensor | None:
         if not (self.graph_static or self.features_active):

@@ -182,7 +182,3 @@ def ddim_invert(
 
 def embed(model, prompts: Sequence[str]) -> torch.Tensor:
     return model.encode_prompts(list(prompts))
-
-
-def repeat_rows(x: torch.Tensor, n: int) -> torch.Tensor:
-    return x.expand(n, *x.shape[1:]).clone() if x.shape[0] == 1 else x

@@ -181,11 +181,8 @@ class EDICTInversion(Method):
         mixing: float = 0.93,
         leapfrog: bool = True,
         strength: float = 0.8,
-        **options: Any,
     ) -> Inversion:
         """Invert ``z0 (1, C, h, w)`` with ``c_src`` at guidance w; stores ``edict_x``, ``edict_y``."""
-        if options:
-            raise PyinvError(f"method 'edict' has no inversion option(s) {', '.join(sorted(options))}")
         mixing, leapfrog, strength = check_options(mixing, leapfrog, strength)
         started, calls = time.perf_counter(), counters(model)
         schedule = make_schedule(model.scheduler_config, steps, schedule_mode)
@@ -229,7 +226,6 @@ class EDICTInversion(Method):
         controller: Controller | None,
         with_source: bool,
         progress: bool,
-        **options: Any,
     ) -> EditOutput:
         """Sample the stored pair from its level with each target prompt at ``guidance``.
 
@@ -237,8 +233,6 @@ class EDICTInversion(Method):
         it is the exact reconstruction. Output latents are each branch's ``x``.
         """
         check_controller(controller)
-        if options:
-            raise PyinvError(f"method 'edict' has no edit option(s) {', '.join(sorted(options))}")
         mixing, leapfrog, strength = check_options(
             inv.options.get("mixing", 0.93), inv.options.get("leapfrog", True), inv.options.get("strength", 0.8)
         )
