@@ -3,16 +3,26 @@
 The source pass is the source latent with the empty prompt (the source branch's
 unconditional pass). Into both target passes (unconditional and conditional):
 
-- for the first ``int(feature_steps·N)`` steps, the residual-branch output of the decoder
+- at schedule steps ``i < int(feature_steps·N)``, the residual-branch output of the decoder
   ResNet ``up_blocks[1].resnets[1]`` (its ``conv2`` output, before the skip connection is
   added) is replaced by the source's;
-- for the first ``int(attention_steps·N)`` steps, the self-attention queries and keys of
+- at schedule steps ``i < int(attention_steps·N)``, the self-attention queries and keys of
   the decoder's self-attention layers after the first (SD 1.x: decoder layers 4–11) are
   replaced by the source's: ``out_tgt = SDPA(Q_src, K_src, V_tgt)``.
 
+Steps are counted as the reference counts them: indices into the N-step schedule, whatever
+step the edit starts at (PnP-Inversion's runner injects at the timesteps
+``scheduler.timesteps[:int(N·f)]``; the original code indexes its features by the schedule's
+timesteps too). An edit that starts at step ``first_step > 0`` (EF-DDPM's skip) therefore
+gets ``int(f·N) − first_step`` injected steps, not ``int(f·N)``.
+
 Targets use ``negative_prompt`` for their unconditional pass (the reference's
-"ugly, blurry, black, low res, unrealistic"). With plain DDIM inversion the source branch
-is the guidance-1 reconstruction with the source prompt, as in the reference.
+"ugly, blurry, black, low res, unrealistic"). The default is kept only on a model that knows
+its words: on a closed-vocabulary model (the demo model, whose captions never hold "ugly" or
+"blurry", and whose world has the colour "black") the targets keep the method's own
+unconditional embedding instead; a negative prompt given explicitly is always used. With
+plain DDIM inversion the source branch is the guidance-1 reconstruction with the source
+prompt, as in the reference.
 Both injections are row indices, so they stay inside the fused attention call and a
 forward hook on the public ``conv2`` module.
 """
@@ -26,7 +36,7 @@ import torch
 from ..errors import PyinvError
 from .attention import AttentionController, AttentionLayer, attention_layers, sdpa
 from .base import Controller
-from .words import check_window
+from .words import check_window, unknown_words
 
 DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, black, low res, unrealistic"
 DEFAULT_FEATURE_LAYER = "up_blocks.1.resnets.1"
@@ -38,7 +48,8 @@ class PnP(AttentionController, Controller):
 
     ``attention_layers``: module names of the self-attention layers to inject (``None``:
     every decoder self-attention layer except the first). ``negative_prompt=None`` keeps the
-    method's own unconditional embedding for the targets.
+    method's own unconditional embedding for the targets; the default (the reference's text)
+    does the same on a model whose vocabulary lacks its words (:func:`words.unknown_words`).
     """
 
     reads_source = frozenset({"uncond"})
@@ -63,6 +74,8 @@ class PnP(AttentionController, Controller):
         self.feature_layer = feature_layer
         self.attention_layers = None if attention_layers is None else list(attention_layers)
         self.negative_prompt = negative_prompt
+        #: the negative prompt is the reference's default (dropped where the model lacks its words)
+        self.reference_negative = negative_prompt is DEFAULT_NEGATIVE_PROMPT
         self.graph_static = bool(graph_static)
 
     def __repr__(self) -> str:
@@ -81,13 +94,22 @@ class PnP(AttentionController, Controller):
         self.attention_until = int(n * self.attention_steps)
         _conv2(model.unet, self.feature_layer)  # fails early with a clear error
         changes = {}
-        if self.negative_prompt is not None:
-            changes["uncond"] = _targets_uncond(program, model.encode_prompts([self.negative_prompt]))
+        negative = self.resolved_negative_prompt(model.tokenizer)
+        if negative is not None:
+            changes["uncond"] = _targets_uncond(program, model.encode_prompts([negative]))
         if program.has_source and program.source_drifts:
             guidance = program.guidance.clone()
             guidance[0] = 1.0
             changes["guidance"] = guidance
         return dataclasses.replace(program, **changes) if changes else program
+
+    def resolved_negative_prompt(self, tokenizer) -> str | None:
+        """The targets' negative prompt for a model with ``tokenizer`` (``None``: the method's own
+        unconditional embedding). The reference's default text is dropped when the model has no
+        token for some of its words: they would be byte pieces its text encoder never saw."""
+        if self.reference_negative and unknown_words(tokenizer, self.negative_prompt):
+            return None
+        return self.negative_prompt
 
     def controlled_layers(self, layers: list[AttentionLayer]) -> list[AttentionLayer]:
         own = [x for x in layers if not x.is_cross]
