@@ -136,3 +136,25 @@ def test_pnp_reference_negative_prompt_only_where_the_model_knows_its_words(edit
 
     assert unknown_words(OpenVocabulary(), DEFAULT_NEGATIVE_PROMPT) == []
     assert PnP().resolved_negative_prompt(OpenVocabulary()) == DEFAULT_NEGATIVE_PROMPT
+
+
+def test_pnp_feature_layer_keeps_its_place_in_smaller_unets():
+    """SD's ``up_blocks.1.resnets.1`` is the second ResNet of the first decoder block with
+    attention, at a quarter of the latent's side; a UNet with fewer levels gets the same place."""
+    from diffusers import UNet2DConditionModel
+
+    from pyinv.control.pnp import reference_feature_layer
+    from pyinv.shapes.model import demo_unet
+
+    sd_like = UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=(32, 32, 32, 32),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    assert reference_feature_layer(sd_like) == "up_blocks.1.resnets.1"
+    assert reference_feature_layer(demo_unet()) == "up_blocks.0.resnets.1"  # 8² of 32², as SD's 16² of 64²

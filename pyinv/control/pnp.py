@@ -5,7 +5,8 @@ unconditional pass). Into both target passes (unconditional and conditional):
 
 - at schedule steps ``i < int(feature_steps·N)``, the residual-branch output of the decoder
   ResNet ``up_blocks[1].resnets[1]`` (its ``conv2`` output, before the skip connection is
-  added) is replaced by the source's;
+  added) is replaced by the source's — on SD 1.x/2.x; on other UNets the ResNet at the same
+  place, :func:`reference_feature_layer`;
 - at schedule steps ``i < int(attention_steps·N)``, the self-attention queries and keys of
   the decoder's self-attention layers after the first (SD 1.x: decoder layers 4–11) are
   replaced by the source's: ``out_tgt = SDPA(Q_src, K_src, V_tgt)``.
@@ -43,9 +44,11 @@ DEFAULT_FEATURE_LAYER = "up_blocks.1.resnets.1"
 
 
 class PnP(AttentionController, Controller):
-    """``PnP(feature_steps=0.8, attention_steps=0.5, feature_layer="up_blocks.1.resnets.1",
+    """``PnP(feature_steps=0.8, attention_steps=0.5, feature_layer=None,
     attention_layers=None, negative_prompt="ugly, blurry, black, low res, unrealistic")``.
 
+    ``feature_layer``: module name of the ResNet block whose features are injected (``None``:
+    :func:`reference_feature_layer`, SD's ``up_blocks.1.resnets.1``).
     ``attention_layers``: module names of the self-attention layers to inject (``None``:
     every decoder self-attention layer except the first). ``negative_prompt=None`` keeps the
     method's own unconditional embedding for the targets; the default (the reference's text)
@@ -58,7 +61,7 @@ class PnP(AttentionController, Controller):
         self,
         feature_steps: float = 0.8,
         attention_steps: float = 0.5,
-        feature_layer: str = DEFAULT_FEATURE_LAYER,
+        feature_layer: str | None = None,
         attention_layers: list[str] | None = None,
         negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT,
         graph_static: bool = False,
@@ -85,14 +88,14 @@ class PnP(AttentionController, Controller):
         )
 
     def check_prompts(self, model, source_prompt: str, targets: list[str], num_steps: int | None = None) -> None:
-        _conv2(model.unet, self.feature_layer)
+        _conv2(model.unet, self.resolved_feature_layer(model.unet))
         self.controlled_layers(attention_layers(model.unet, (model.latent_size, model.latent_size)))
 
     def prepare(self, model, program, source_prompt: str, targets: list[str]):
         n = program.schedule.num_steps
         self.feature_until = int(n * self.feature_steps)
         self.attention_until = int(n * self.attention_steps)
-        _conv2(model.unet, self.feature_layer)  # fails early with a clear error
+        _conv2(model.unet, self.resolved_feature_layer(model.unet))  # fails early with a clear error
         changes = {}
         negative = self.resolved_negative_prompt(model.tokenizer)
         if negative is not None:
@@ -122,7 +125,10 @@ class PnP(AttentionController, Controller):
         return [by_module[name] for name in self.attention_layers]
 
     def forward_hooks(self, unet):
-        return [(_conv2(unet, self.feature_layer), self._inject_features)]
+        return [(_conv2(unet, self.resolved_feature_layer(unet)), self._inject_features)]
+
+    def resolved_feature_layer(self, unet) -> str:
+        return self.feature_layer if self.feature_layer is not None else reference_feature_layer(unet)
 
     def install_state(self, model) -> None:
         self._identity = self.rows.index(None)
@@ -143,6 +149,19 @@ class PnP(AttentionController, Controller):
         if not (self.graph_static or self.attention_active):
             return sdpa(q, k, v, scale)
         return sdpa(q.index_select(0, self._qk), k.index_select(0, self._qk), v, scale)
+
+
+def reference_feature_layer(unet) -> str:
+    """The reference's feature layer by its place in the UNet: the second ResNet of the first
+    decoder block with attention. On SD 1.x/2.x that is ``up_blocks.1.resnets.1`` (16×16 of a
+    64×64 latent, the paper's "decoder layer 4"; ``up_blocks[0]`` there has no attention). On a
+    UNet with fewer levels the name alone would move it up a resolution: the demo model's
+    ``up_blocks[1]`` works at half the latent's side, its ``up_blocks[0]`` at a quarter, as SD's
+    ``up_blocks[1]`` does."""
+    for k, block in enumerate(unet.up_blocks):
+        if getattr(block, "attentions", None):
+            return f"up_blocks.{k}.resnets.{min(1, len(block.resnets) - 1)}"
+    return DEFAULT_FEATURE_LAYER
 
 
 def _conv2(unet, name: str) -> torch.nn.Module:
