@@ -12,10 +12,13 @@ unconditional pass). Into both target passes (unconditional and conditional):
   replaced by the source's: ``out_tgt = SDPA(Q_src, K_src, V_tgt)``.
 
 Steps are counted as the reference counts them: indices into the N-step schedule, whatever
-step the edit starts at (PnP-Inversion's runner injects at the timesteps
-``scheduler.timesteps[:int(N·f)]``; the original code indexes its features by the schedule's
-timesteps too). An edit that starts at step ``first_step > 0`` (EF-DDPM's skip) therefore
-gets ``int(f·N) − first_step`` injected steps, not ``int(f·N)``.
+step the edit starts at. PnP-Inversion's runner (``run_editing_pnp.py``, which pairs PnP with
+DDIM and Direct Inversion, as pyinv does) injects at the timesteps
+``scheduler.timesteps[:int(N·f)]``, tested by value in the hooks; the original code
+(MichalGeyer/plug-and-play, ``run_pnp.py``) also indexes by schedule step but injects at
+``i ≤ threshold`` (41 and 26 of 50 steps, one more each); pyinv follows PnP-Inversion. An
+edit that starts at step ``first_step > 0`` (EF-DDPM's skip) therefore gets
+``int(f·N) − first_step`` injected steps, not ``int(f·N)``.
 
 Targets use ``negative_prompt`` for their unconditional pass (the reference's
 "ugly, blurry, black, low res, unrealistic"). The default is kept only on a model that knows
