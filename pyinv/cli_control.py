@@ -46,9 +46,13 @@ def add_control_args(p: argparse.ArgumentParser) -> None:
         "--cross-replace",
         metavar="W",
         help="p2p: cross-attention window: a fraction (0.8), START:END, or JSON with per-word "
-        'windows \'{"default_": 0.8, "dog": [0, 0.5]}\' (default 0.8)',
+        'windows \'{"default_": 0.8, "dog": [0, 0.5]}\' (default 0.8; 0.6 with edit-friendly)',
     )
-    g.add_argument("--self-replace", metavar="W", help="p2p: self-attention window: a fraction or START:END (0.4)")
+    g.add_argument(
+        "--self-replace",
+        metavar="W",
+        help="p2p: self-attention window: a fraction or START:END (0.4; 0.2 with edit-friendly)",
+    )
     g.add_argument(
         "--reweight",
         metavar="WORD=SCALE",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from pyinv.control import MasaCtrl, PnP
-from pyinv.control.p2p import P2P, SELF_REPLACE_MAX_TOKENS
+from pyinv.control.p2p import P2P
 
 
 def softmax_maps(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -25,7 +25,7 @@ class ExplicitP2P(P2P):
         P = softmax_maps(q, k, scale)
         s, tc = self.source_cond, self.target_cond.tolist()
         if not layer.is_cross:
-            if self.self_active and layer.tokens <= SELF_REPLACE_MAX_TOKENS:
+            if self.self_active and layer.tokens <= self.self_max_tokens:
                 P = P.clone()
                 for r in tc:
                     P[r] = P[s]

@@ -164,3 +164,39 @@ def test_eval_shapes_refuses_bad_choices_before_loading(tmp_path, capsys, monkey
     assert cli.main(["eval", "shapes", "--json", str(tmp_path / "missing" / "x.json")]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert cli.main(["eval", "shapes", "--count", "0"]) == 2
+
+
+SOURCE, TARGET = "a red circle on a blue background", "a green circle on a blue background"
+
+
+def _colour_distance(image, name: str) -> float:
+    """RGB distance of the mean colour of the shape the evaluator reads to the palette's ``name``."""
+    from pyinv.shapes.world import COLORS
+
+    r = read(image)
+    assert r.mask.any()
+    mean = np.asarray(image.convert("RGB"), dtype=np.float64)[r.mask].mean(0)
+    return float(np.sqrt(((mean - np.array(COLORS[name])) ** 2).sum()))
+
+
+def test_readme_example_with_pnp_defaults_edits_the_colour(demo):
+    """PnP's reference negative prompt ("ugly, blurry, black, low res, unrealistic") is words the
+    demo model never saw; as its CFG anchor it painted the circle purple. At its defaults on the
+    demo model, PnP keeps the method's own unconditional embedding, as ShapesBench runs it."""
+    from pyinv.bench.shapes_bench import controller_for
+
+    inv = demo.invert(EXAMPLE, SOURCE, method="direct")
+    out = demo.edit(inv, TARGET, control=pyinv.PnP())
+    r = read(out.images[0])
+    assert (r.shape, r.color, r.background) == ("circle", "green", "blue")
+    bench = demo.edit(inv, TARGET, control=controller_for("pnp", None))
+    assert np.array_equal(np.asarray(bench.images[0]), np.asarray(out.images[0]))
+
+
+def test_readme_example_with_edit_friendly_and_p2p_defaults_is_not_washed_out(demo):
+    """EF-DDPM + P2P at DDPM_inversion's windows (0.6 / 0.2); P2P's own 0.8 / 0.4 (its DDIM
+    setting) replaced self-attention for 40 of the 64 steps run and left a pale green (33)."""
+    inv = demo.invert(EXAMPLE, SOURCE, method="edit-friendly")
+    out = demo.edit(inv, TARGET, control=pyinv.P2P())
+    assert read(out.images[0]).matches("circle", "green", "blue")
+    assert _colour_distance(out.images[0], "green") < 25

@@ -21,8 +21,10 @@ Metrics, in PIE-Bench's spirit (its background metrics come from :mod:`pyinv.ben
 - time per edit: inversion + edit wall time (what one edit of a new image costs).
 
 Controllers per case: P2P in PIE-Bench's configuration (:meth:`pyinv.P2P.pie_bench` on the
-changed words), MasaCtrl and PnP at their defaults — except PnP's negative prompt, which
-is empty here: its reference text contains the world's colour word "black".
+changed words), MasaCtrl and PnP at their defaults, as ``pyinv edit`` runs them. (On the demo
+model PnP's default keeps the method's unconditional embedding: the reference's negative
+prompt, "ugly, blurry, black, low res, unrealistic", is words the model was never trained
+on, see :meth:`pyinv.PnP.resolved_negative_prompt`.)
 """
 
 from __future__ import annotations
@@ -164,7 +166,7 @@ def controller_for(control: str, case: EditCase):
     if control == "masactrl":
         return MasaCtrl()
     if control == "pnp":
-        return PnP(negative_prompt="")
+        return PnP()
     if control == "none":
         return None
     raise PyinvError(f"unknown control {control!r}; use one of {', '.join(CONTROLS)}")

@@ -39,7 +39,7 @@ class BatchLayout:
 class Controller:
     """Base controller: reads nothing, changes nothing (prompt swap).
 
-    The driver calls, per edit: :meth:`prepare` (before anything runs: check the prompts,
+    The driver calls, per edit: :meth:`use_method_defaults`, :meth:`prepare` (before anything runs: check the prompts,
     build per-edit tensors, maybe adapt the program), :meth:`install` (with the batch
     layout), then per step :meth:`begin_step`, the UNet call, :meth:`blend_mask` (a mask
     for the step op's LocalBlend mix), the step op and :meth:`after_step`; finally
@@ -52,6 +52,10 @@ class Controller:
     def check_prompts(self, model, source_prompt: str, targets: list[str], num_steps: int | None = None) -> None:
         """Fail early (before any UNet work) when the prompts (or the step count, when
         known) do not suit the controller."""
+
+    def use_method_defaults(self, defaults: dict) -> None:
+        """Told, before :meth:`prepare`, the inversion method's reference values for controllers
+        (``Method.control_defaults``: controller kind → settings); P2P takes its windows there."""
 
     def prepare(self, model, program, source_prompt: str, targets: list[str]):
         """Check the edit's prompts and build what the controller needs; returns the program."""

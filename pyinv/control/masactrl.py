@@ -9,6 +9,16 @@ conditional pass):
     out_tgt = SDPA(Q_tgt, K_src, V_src)
 
 Implemented as a row index on K and V, so it runs in the same fused attention call.
+
+Steps count the UNet calls of the edit, as the reference does (its ``cur_step`` starts at 0
+when the editor is registered and advances once per UNet call, one per sampling step;
+control runs at ``step_idx = range(start_step, total_steps)`` with ``total_steps`` the number
+of sampling steps, 50 in its runs): calls ``k ≥ start_step`` counted from the first step the
+edit runs, to its end. With EF-DDPM's skip (``first_step = 36`` of 100) control starts at
+step 36 + ``start_step``.
+
+MasaCtrl keeps the source's appearance by design (the target's queries fetch the source's
+keys and values); it is made for non-rigid edits (pose, shape), not for colour changes.
 """
 
 from __future__ import annotations

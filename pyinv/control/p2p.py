@@ -41,8 +41,11 @@ from .base import Controller
 from .words import check_window, refine_alignment, replace_mapper, window_alpha, word_weights
 
 EDITS = ("refine", "replace", "reweight")
-#: self-attention is replaced only in layers with at most this many query tokens
+#: self-attention is replaced only in layers with at most this many query tokens (the P2P and
+#: NTI code's 32²; EF-DDPM's P2P code uses 16², see :attr:`Method.control_defaults`)
 SELF_REPLACE_MAX_TOKENS = 32 * 32
+#: the windows when none are given: the P2P paper's code (with DDIM inversion) and NTI's
+DEFAULT_CROSS_REPLACE, DEFAULT_SELF_REPLACE = 0.8, 0.4
 
 
 def _words(value, what: str) -> tuple[str, ...]:
@@ -85,17 +88,30 @@ class LocalBlend:
 
 
 class P2P(AttentionController, Controller):
-    """Prompt-to-Prompt: ``P2P(edit="refine", cross_replace=0.8, self_replace=0.4, reweight=None, blend=None)``.
+    """Prompt-to-Prompt: ``P2P(edit="refine", cross_replace=None, self_replace=None, reweight=None, blend=None)``.
 
     Args:
         edit: ``"refine"`` (words added or changed; global token alignment), ``"replace"``
             (same word count; word-to-token mapper) or ``"reweight"`` (only ``reweight``).
         cross_replace: cross-attention window — a fraction, a pair ``(start, end)``, or a
             dict ``{"default_": 0.8, "word": (s, e)}`` with per-word windows (target words).
-        self_replace: self-attention replace window — a fraction or a pair.
+            ``None``: the inversion method's reference value — 0.8 (P2P's code, which pairs
+            it with DDIM inversion; NTI, NPI, PTI, Direct Inversion), 0.6 with EF-DDPM
+            (DDPM_inversion's P2P runs).
+        self_replace: self-attention replace window — a fraction or a pair; ``None``: 0.4, or
+            0.2 with EF-DDPM.
         reweight: ``{word: scale}`` for target words (columns scaled, not renormalised).
         blend: a :class:`LocalBlend`, or ``(source_words, target_words)`` for its defaults.
         graph_static: compute all terms every step (see :class:`AttentionController`).
+
+    Windows count the calls of the edit, as the references' controllers do (``cur_step``
+    starts at 0 at the first sampling step and advances once per step), in fractions of the
+    schedule's N steps: self-attention replace covers calls ``int(s·N) ≤ k < int(e·N)``,
+    cross-attention ``int(s·(N+1)) ≤ k < int(e·(N+1))`` (the reference's ``N+1``-row table)
+    and LocalBlend mixes from call ``int(start·N)``. With EF-DDPM's skip (``first_step = 36``
+    of 100) they are still fractions of N = 100 counted from step 36 — DDPM_inversion hands its
+    controller ``num_diffusion_steps`` (100) and starts sampling at step ``skip`` — so
+    ``self_replace=0.2`` covers 20 of the 64 steps run and ``cross_replace=0.6`` 60.
     """
 
     reads_source = frozenset({"cond"})
@@ -103,8 +119,8 @@ class P2P(AttentionController, Controller):
     def __init__(
         self,
         edit: str = "refine",
-        cross_replace=0.8,
-        self_replace=0.4,
+        cross_replace=None,
+        self_replace=None,
         reweight: dict[str, float] | None = None,
         blend: LocalBlend | tuple | None = None,
         graph_static: bool = False,
@@ -121,9 +137,10 @@ class P2P(AttentionController, Controller):
         if isinstance(cross_replace, dict):
             for value in cross_replace.values():
                 check_window(value, "cross_replace")
-        else:
+        elif cross_replace is not None:
             check_window(cross_replace, "cross_replace")
-        self.self_window = check_window(self_replace, "self_replace")
+        if self_replace is not None:
+            check_window(self_replace, "self_replace")
         if blend is not None and not isinstance(blend, LocalBlend):
             if not isinstance(blend, Sequence) or isinstance(blend, str) or len(blend) != 2:
                 raise PyinvError(f"blend must be a LocalBlend or a pair (source words, target words), got {blend!r}")
@@ -134,6 +151,25 @@ class P2P(AttentionController, Controller):
         self.reweight = dict(reweight or {})
         self.blend = blend
         self.graph_static = bool(graph_static)
+        self.method_defaults: dict = {}
+
+    def use_method_defaults(self, defaults: dict) -> None:
+        """Take the inversion method's P2P reference values (``defaults["p2p"]``: windows used
+        when none were given, ``self_max_tokens``) for the next edit."""
+        self.method_defaults = dict(defaults.get("p2p", {}))
+
+    @property
+    def windows(self) -> tuple:
+        """``(cross_replace, self_replace)`` of the next edit: as given, else the method's."""
+        d = self.method_defaults
+        cross = self.cross_replace if self.cross_replace is not None else d.get("cross_replace", DEFAULT_CROSS_REPLACE)
+        own = self.self_replace if self.self_replace is not None else d.get("self_replace", DEFAULT_SELF_REPLACE)
+        return cross, own
+
+    @property
+    def self_max_tokens(self) -> int:
+        """Self-attention is replaced in layers with at most this many queries."""
+        return int(self.method_defaults.get("self_max_tokens", SELF_REPLACE_MAX_TOKENS))
 
     @classmethod
     def pie_bench(
@@ -189,8 +225,9 @@ class P2P(AttentionController, Controller):
             [word_weights(tok, target, self.reweight, length, base=1.0, what="reweight word") for target in targets]
         )
         self.base, self.keep, self.eq = base, keep, eq
-        self.cross_alpha = window_alpha(tok, targets, n, self.cross_replace, length)
-        s, e = self.self_window
+        cross, own = self.windows
+        self.cross_alpha = window_alpha(tok, targets, n, cross, length)
+        s, e = check_window(own, "self_replace")
         self.self_steps = (int(n * s), int(n * e))
         if self.blend is not None:
             words = {w: 1.0 for w in self.blend.source_words}
@@ -208,9 +245,7 @@ class P2P(AttentionController, Controller):
             self.blend_layers = {layer.name for layer in chosen}
             self.blend_size = chosen[0].size  # all chosen layers share it
         self_replace = self.self_steps[1] > self.self_steps[0]
-        return [
-            layer for layer in layers if layer.is_cross or (self_replace and layer.tokens <= SELF_REPLACE_MAX_TOKENS)
-        ]
+        return [layer for layer in layers if layer.is_cross or (self_replace and layer.tokens <= self.self_max_tokens)]
 
     def install_state(self, model) -> None:
         dev = model.device

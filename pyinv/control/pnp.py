@@ -3,16 +3,30 @@
 The source pass is the source latent with the empty prompt (the source branch's
 unconditional pass). Into both target passes (unconditional and conditional):
 
-- for the first ``int(feature_steps·N)`` steps, the residual-branch output of the decoder
+- at schedule steps ``i < int(feature_steps·N)``, the residual-branch output of the decoder
   ResNet ``up_blocks[1].resnets[1]`` (its ``conv2`` output, before the skip connection is
-  added) is replaced by the source's;
-- for the first ``int(attention_steps·N)`` steps, the self-attention queries and keys of
+  added) is replaced by the source's — on SD 1.x/2.x; on other UNets the ResNet at the same
+  place, :func:`reference_feature_layer`;
+- at schedule steps ``i < int(attention_steps·N)``, the self-attention queries and keys of
   the decoder's self-attention layers after the first (SD 1.x: decoder layers 4–11) are
   replaced by the source's: ``out_tgt = SDPA(Q_src, K_src, V_tgt)``.
 
+Steps are counted as the reference counts them: indices into the N-step schedule, whatever
+step the edit starts at. PnP-Inversion's runner (``run_editing_pnp.py``, which pairs PnP with
+DDIM and Direct Inversion, as pyinv does) injects at the timesteps
+``scheduler.timesteps[:int(N·f)]``, tested by value in the hooks; the original code
+(MichalGeyer/plug-and-play, ``run_pnp.py``) also indexes by schedule step but injects at
+``i ≤ threshold`` (41 and 26 of 50 steps, one more each); pyinv follows PnP-Inversion. An
+edit that starts at step ``first_step > 0`` (EF-DDPM's skip) therefore gets
+``int(f·N) − first_step`` injected steps, not ``int(f·N)``.
+
 Targets use ``negative_prompt`` for their unconditional pass (the reference's
-"ugly, blurry, black, low res, unrealistic"). With plain DDIM inversion the source branch
-is the guidance-1 reconstruction with the source prompt, as in the reference.
+"ugly, blurry, black, low res, unrealistic"). The default is kept only on a model that knows
+its words: on a closed-vocabulary model (the demo model, whose captions never hold "ugly" or
+"blurry", and whose world has the colour "black") the targets keep the method's own
+unconditional embedding instead; a negative prompt given explicitly is always used. With
+plain DDIM inversion the source branch is the guidance-1 reconstruction with the source
+prompt, as in the reference.
 Both injections are row indices, so they stay inside the fused attention call and a
 forward hook on the public ``conv2`` module.
 """
@@ -26,19 +40,22 @@ import torch
 from ..errors import PyinvError
 from .attention import AttentionController, AttentionLayer, attention_layers, sdpa
 from .base import Controller
-from .words import check_window
+from .words import check_window, unknown_words
 
 DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, black, low res, unrealistic"
 DEFAULT_FEATURE_LAYER = "up_blocks.1.resnets.1"
 
 
 class PnP(AttentionController, Controller):
-    """``PnP(feature_steps=0.8, attention_steps=0.5, feature_layer="up_blocks.1.resnets.1",
+    """``PnP(feature_steps=0.8, attention_steps=0.5, feature_layer=None,
     attention_layers=None, negative_prompt="ugly, blurry, black, low res, unrealistic")``.
 
+    ``feature_layer``: module name of the ResNet block whose features are injected (``None``:
+    :func:`reference_feature_layer`, SD's ``up_blocks.1.resnets.1``).
     ``attention_layers``: module names of the self-attention layers to inject (``None``:
     every decoder self-attention layer except the first). ``negative_prompt=None`` keeps the
-    method's own unconditional embedding for the targets.
+    method's own unconditional embedding for the targets; the default (the reference's text)
+    does the same on a model whose vocabulary lacks its words (:func:`words.unknown_words`).
     """
 
     reads_source = frozenset({"uncond"})
@@ -47,7 +64,7 @@ class PnP(AttentionController, Controller):
         self,
         feature_steps: float = 0.8,
         attention_steps: float = 0.5,
-        feature_layer: str = DEFAULT_FEATURE_LAYER,
+        feature_layer: str | None = None,
         attention_layers: list[str] | None = None,
         negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT,
         graph_static: bool = False,
@@ -63,6 +80,8 @@ class PnP(AttentionController, Controller):
         self.feature_layer = feature_layer
         self.attention_layers = None if attention_layers is None else list(attention_layers)
         self.negative_prompt = negative_prompt
+        #: the negative prompt is the reference's default (dropped where the model lacks its words)
+        self.reference_negative = negative_prompt is DEFAULT_NEGATIVE_PROMPT
         self.graph_static = bool(graph_static)
 
     def __repr__(self) -> str:
@@ -72,22 +91,31 @@ class PnP(AttentionController, Controller):
         )
 
     def check_prompts(self, model, source_prompt: str, targets: list[str], num_steps: int | None = None) -> None:
-        _conv2(model.unet, self.feature_layer)
+        _conv2(model.unet, self.resolved_feature_layer(model.unet))
         self.controlled_layers(attention_layers(model.unet, (model.latent_size, model.latent_size)))
 
     def prepare(self, model, program, source_prompt: str, targets: list[str]):
         n = program.schedule.num_steps
         self.feature_until = int(n * self.feature_steps)
         self.attention_until = int(n * self.attention_steps)
-        _conv2(model.unet, self.feature_layer)  # fails early with a clear error
+        _conv2(model.unet, self.resolved_feature_layer(model.unet))  # fails early with a clear error
         changes = {}
-        if self.negative_prompt is not None:
-            changes["uncond"] = _targets_uncond(program, model.encode_prompts([self.negative_prompt]))
+        negative = self.resolved_negative_prompt(model.tokenizer)
+        if negative is not None:
+            changes["uncond"] = _targets_uncond(program, model.encode_prompts([negative]))
         if program.has_source and program.source_drifts:
             guidance = program.guidance.clone()
             guidance[0] = 1.0
             changes["guidance"] = guidance
         return dataclasses.replace(program, **changes) if changes else program
+
+    def resolved_negative_prompt(self, tokenizer) -> str | None:
+        """The targets' negative prompt for a model with ``tokenizer`` (``None``: the method's own
+        unconditional embedding). The reference's default text is dropped when the model has no
+        token for some of its words: they would be byte pieces its text encoder never saw."""
+        if self.reference_negative and unknown_words(tokenizer, self.negative_prompt):
+            return None
+        return self.negative_prompt
 
     def controlled_layers(self, layers: list[AttentionLayer]) -> list[AttentionLayer]:
         own = [x for x in layers if not x.is_cross]
@@ -100,7 +128,10 @@ class PnP(AttentionController, Controller):
         return [by_module[name] for name in self.attention_layers]
 
     def forward_hooks(self, unet):
-        return [(_conv2(unet, self.feature_layer), self._inject_features)]
+        return [(_conv2(unet, self.resolved_feature_layer(unet)), self._inject_features)]
+
+    def resolved_feature_layer(self, unet) -> str:
+        return self.feature_layer if self.feature_layer is not None else reference_feature_layer(unet)
 
     def install_state(self, model) -> None:
         self._identity = self.rows.index(None)
@@ -124,6 +155,19 @@ class PnP(AttentionController, Controller):
         if not (self.graph_static or self.attention_active):
             return sdpa(q, k, v, scale)
         return sdpa(q.index_select(0, self._qk), k.index_select(0, self._qk), v, scale)
+
+
+def reference_feature_layer(unet) -> str:
+    """The reference's feature layer by its place in the UNet: the second ResNet of the first
+    decoder block with attention. On SD 1.x/2.x that is ``up_blocks.1.resnets.1`` (16×16 of a
+    64×64 latent, the paper's "decoder layer 4"; ``up_blocks[0]`` there has no attention). On a
+    UNet with fewer levels the name alone would move it up a resolution: the demo model's
+    ``up_blocks[1]`` works at half the latent's side, its ``up_blocks[0]`` at a quarter, as SD's
+    ``up_blocks[1]`` does."""
+    for k, block in enumerate(unet.up_blocks):
+        if getattr(block, "attentions", None):
+            return f"up_blocks.{k}.resnets.{min(1, len(block.resnets) - 1)}"
+    return DEFAULT_FEATURE_LAYER
 
 
 def _conv2(unet, name: str) -> torch.nn.Module:

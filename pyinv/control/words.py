@@ -12,6 +12,8 @@ start token, so the first word starts at 1). ``L`` is that sequence's length
   each target position reads) and ``alpha (L,)`` (1 where matched, 0 for new tokens).
 - :func:`word_weights`: a per-position vector set to a value on chosen words' tokens
   (the reweighting "equaliser", LocalBlend's word indicators, per-word windows).
+- :func:`unknown_words`: the words of a text a closed-vocabulary model (the demo model)
+  was never trained on.
 """
 
 from __future__ import annotations
@@ -228,3 +230,22 @@ def check_window(value, what: str) -> tuple[float, float]:
     if s > e:
         raise PyinvError(f"{what} window {value!r} starts after it ends")
     return pair
+
+
+#: a tokenizer with at most this many entries is a closed vocabulary (CLIP's has 49,408)
+CLOSED_VOCABULARY_MAX = 5000
+
+
+def unknown_words(tokenizer, text: str) -> list[str]:
+    """Words of ``text`` a closed-vocabulary model has no whole-word token for.
+
+    A small vocabulary (at most :data:`CLOSED_VOCABULARY_MAX` entries, like the demo model's:
+    the shapes world's words and byte symbols) lists every word its model was trained on as a
+    whole token (``"red</w>"``); other words fall back to byte pieces the text encoder never
+    saw in a caption. An open vocabulary (CLIP's) knows every word: ``[]``.
+    """
+    vocab = tokenizer.get_vocab()
+    if len(vocab) > CLOSED_VOCABULARY_MAX:
+        return []
+    words = [normalise(w) for w in text.split()]
+    return [w for w in words if w and f"{w}</w>" not in vocab]

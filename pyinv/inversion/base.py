@@ -48,6 +48,10 @@ class Method:
     takes_control: ClassVar[bool] = True
     invert_options: ClassVar[dict[str, Any]] = {}
     edit_options: ClassVar[dict[str, Any]] = {}
+    #: controller settings of the reference that pairs a controller with this method, by
+    #: controller kind (``{"p2p": {"cross_replace": …, "self_replace": …, "self_max_tokens": …}}``);
+    #: used where the user gave none
+    control_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
     #: tensors an inversion of this method must hold (besides z0) for editing
     tensors: ClassVar[tuple[str, ...]] = ()
@@ -96,6 +100,7 @@ class Method:
         needs_source = with_source or bool(controller and controller.reads_source)
         program = self.program(model, inv, targets, guidance, needs_source, **options)
         if controller is not None:
+            controller.use_method_defaults(self.control_defaults)
             program = controller.prepare(model, program, inv.source_prompt, list(targets))
         result = loop.run(model, program, controller, progress=progress, desc=f"edit ({self.name})")
         lat = result.latents

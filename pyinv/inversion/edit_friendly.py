@@ -161,6 +161,10 @@ class EditFriendlyInversion(Method):
     default_schedule = "checkpoint"
     needs_source_prompt = False
     edit_options = {"skip": None, "shift": 0, "color": None}
+    #: DDPM_inversion's P2P runs (main_run.py --mode p2pinv): windows 0.6 / 0.2 (its README:
+    #: "(0.6, 0.2) and (0.8, 0.4) for p2pinv and p2p respectively"), self-attention replaced in
+    #: layers of at most 16² queries (its ptp_classes.replace_self_attention)
+    control_defaults = {"p2p": {"cross_replace": 0.6, "self_replace": 0.2, "self_max_tokens": 16 * 16}}
 
     def invert(self, model, z0, source_prompt, steps, guidance, schedule_mode, progress, **options) -> Inversion:
         """Sample independent levels, extract ``noise_maps`` at cfg_src = ``guidance`` (N UNet calls)."""
