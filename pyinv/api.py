@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checks import check_guidance, check_seed
 from .control.base import Controller
 from .errors import PyinvError
 from .imageio import center_crop_resize, load_image, pil_to_tensor, tensor_to_pil
@@ -71,14 +72,43 @@ def _targets(target: str | Sequence[str]) -> list[str]:
     return targets
 
 
-def _check_guidance(guidance: float, what: str = "guidance") -> float:
-    try:
-        value = float(guidance)
-    except (TypeError, ValueError):
-        raise PyinvError(f"{what} must be a number, got {guidance!r}") from None
-    if not np.isfinite(value) or value < 0:
-        raise PyinvError(f"{what} must be a non-negative number, got {guidance}")
-    return value
+_check_guidance = check_guidance
+
+#: share of pixel values at pure black or white past which an output counts as blown out
+SATURATED = 0.99
+
+
+def _controller(control: Any, algo) -> Controller | None:
+    """``control`` as a controller: a :class:`Controller`, ``None``/``"none"`` (prompt swap),
+    or a name in :data:`pyinv.control.CONTROLS` (that controller with its defaults)."""
+    from .control import CONTROLS
+
+    if isinstance(control, str):
+        name = control.strip().lower()
+        if name == "none":
+            return None
+        if name not in CONTROLS:
+            raise PyinvError(f"unknown control {control!r}; use one of none, {', '.join(CONTROLS)} or a Controller")
+        control = CONTROLS[name]()
+    if control is not None and not isinstance(control, Controller):
+        raise PyinvError(
+            f"control must be a Controller (P2P(...), MasaCtrl(...), PnP(...)), a name "
+            f"(none, {', '.join(CONTROLS)}) or None, got {type(control).__name__}"
+        )
+    if control is not None and not algo.takes_control:
+        raise PyinvError(f"method {algo.name!r} runs its own coupled loop and takes no attention control")
+    return control
+
+
+def _check_pixels(pixels: torch.Tensor, what: str, guidance: float) -> None:
+    """Refuse a decoded output ``(B, 3, H, W)`` that is non-finite or blown out to pure
+    black/white (e.g. from a huge guidance scale): an error, never an image file."""
+    hint = f" (guidance {guidance:g}; try a smaller one)"
+    if not torch.isfinite(pixels).all():
+        raise PyinvError(f"{what} produced non-finite values (NaN or infinity){hint}")
+    saturated = (pixels.abs() >= 1.0).flatten(1).float().mean(1)
+    if bool((saturated > SATURATED).any()):
+        raise PyinvError(f"{what} produced a blown-out image (over 99 % of its pixels pure black or white){hint}")
 
 
 class Editor:
@@ -114,6 +144,22 @@ class Editor:
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         return tensor_to_pil(self.model.decode(latents))
+
+    def _decode_checked(self, latents: torch.Tensor, what: str, guidance: float) -> list[Image.Image]:
+        """:meth:`decode`, refusing non-finite or blown-out results (see :func:`_check_pixels`)."""
+        if not torch.isfinite(latents).all():
+            raise PyinvError(f"{what} produced non-finite values (NaN or infinity) (guidance {guidance:g})")
+        pixels = self.model.decode(latents)
+        _check_pixels(pixels, what, guidance)
+        return tensor_to_pil(pixels)
+
+    def check_prompts(self, source_prompt: str | None = None, targets: Sequence[str] = ()) -> None:
+        """Raise a :class:`PyinvError` when a prompt has more tokens than the model reads
+        (it would be cut off silently, and words past the limit could not be edited)."""
+        if source_prompt:
+            self.model.check_prompt_length(source_prompt, "source prompt")
+        for k, prompt in enumerate(targets):
+            self.model.check_prompt_length(prompt, "target prompt" if len(targets) == 1 else f"target prompt {k + 1}")
 
     # ------------------------------------------------------------------ invert
     def invert(
@@ -155,6 +201,8 @@ class Editor:
         """Check the arguments, then get ``z0 = latents()`` and invert it."""
         algo = get_method(method)
         _check_prompt(source_prompt, "source prompt", allow_empty=not algo.needs_source_prompt)
+        self.check_prompts(source_prompt)
+        seed = None if seed is None else check_seed(seed)
         steps = algo.default_steps if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
             raise PyinvError(f"steps must be a positive integer, got {steps!r}")
@@ -197,8 +245,9 @@ class Editor:
         inv = self.load_inversion(inversion) if not isinstance(inversion, Inversion) else inversion
         started = time.perf_counter()
         out = self._edit_latents(inv, targets, guidance, control, with_source, seed, **options)
-        images = self.decode(out.targets) if len(out.targets) else []
-        source_image = self.decode(out.source)[0] if out.source is not None else None
+        w = get_method(inv.method).default_guidance if guidance is None else float(guidance)  # checked above
+        images = self._decode_checked(out.targets, "the edit", w) if len(out.targets) else []
+        source_image = self._decode_checked(out.source, "the reconstruction", w)[0] if out.source is not None else None
         return EditResult(
             images=images,
             latents=out.targets,
@@ -216,6 +265,10 @@ class Editor:
         inv.check_model(self.model)
         algo = get_method(inv.method)
         guidance = _check_guidance(algo.default_guidance if guidance is None else guidance)
+        control = _controller(control, algo)
+        seed = None if seed is None else check_seed(seed)
+        self.model.check_prompt_length(inv.source_prompt, "the inversion's source prompt")
+        self.check_prompts(None, targets)
         unknown = set(options) - set(algo.edit_options)
         if unknown:
             raise PyinvError(f"method {algo.name!r} has no edit option(s) {', '.join(sorted(unknown))}")
@@ -263,13 +316,16 @@ class Editor:
         for k, text in enumerate(prompts):
             _check_prompt(text, "prompt" if len(prompts) == 1 else f"prompt {k + 1}")
         seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
+        seeds = [check_seed(s, "seed" if len(seeds) == 1 else f"seed {k + 1}") for k, s in enumerate(seeds)]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
             raise PyinvError(f"steps must be a positive integer, got {steps!r}")
         _check_prompt(negative_prompt, "negative prompt", allow_empty=True)
-        latents = sample(
-            self.model, prompts, seeds, steps, _check_guidance(guidance), negative_prompt, progress=self.progress
-        )
-        return self.decode(latents)
+        self.check_prompts(None, prompts)
+        if negative_prompt:
+            self.model.check_prompt_length(negative_prompt, "negative prompt")
+        guidance = _check_guidance(guidance)
+        latents = sample(self.model, prompts, seeds, steps, guidance, negative_prompt, progress=self.progress)
+        return self._decode_checked(latents, "sampling", guidance)
 
     # ------------------------------------------------------------------ files
     def load_inversion(self, path: str | os.PathLike) -> Inversion:
