@@ -315,7 +315,7 @@ class Editor:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         for k, text in enumerate(prompts):
             _check_prompt(text, "prompt" if len(prompts) == 1 else f"prompt {k + 1}")
-        seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
+        seeds = list(seed) if isinstance(seed, Sequence) and not isinstance(seed, str) else [seed] * len(prompts)
         seeds = [check_seed(s, "seed" if len(seeds) == 1 else f"seed {k + 1}") for k, s in enumerate(seeds)]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
             raise PyinvError(f"steps must be a positive integer, got {steps!r}")

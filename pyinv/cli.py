@@ -485,6 +485,7 @@ def _edit_image(args: argparse.Namespace, targets: list[str]) -> int:
     _distinct(outputs + ([saved] if saved else []))
     image = _read_image(args.image)
     editor = load_editor(args.model or DEFAULT_MODEL, device, dtype, progress=not args.quiet)
+    editor.check_prompts(source, targets)  # before the controller looks words up in them
     if control is not None:
         control.check_prompts(editor.model, source or "", targets, args.steps or algo.default_steps)
     before = editor.model.unet_image_forwards
