@@ -78,7 +78,7 @@ _check_guidance = check_guidance
 SATURATED = 0.99
 
 
-def _controller(control: Any, algo) -> Controller | None:
+def _controller(control: Any) -> Controller | None:
     """``control`` as a controller: a :class:`Controller`, ``None``/``"none"`` (prompt swap),
     or a name in :data:`pyinv.control.CONTROLS` (that controller with its defaults)."""
     from .control import CONTROLS
@@ -95,9 +95,7 @@ def _controller(control: Any, algo) -> Controller | None:
             f"control must be a Controller (P2P(...), MasaCtrl(...), PnP(...)), a name "
             f"(none, {', '.join(CONTROLS)}) or None, got {type(control).__name__}"
         )
-    if control is not None and not algo.takes_control:
-        raise PyinvError(f"method {algo.name!r} runs its own coupled loop and takes no attention control")
-    return control
+    return control  # a method that takes none (EDICT) refuses it with its own message
 
 
 def _check_pixels(pixels: torch.Tensor, what: str, guidance: float) -> None:
@@ -265,7 +263,10 @@ class Editor:
         inv.check_model(self.model)
         algo = get_method(inv.method)
         guidance = _check_guidance(algo.default_guidance if guidance is None else guidance)
-        control = _controller(control, algo)
+        control = _controller(control)
+        negative = getattr(control, "negative_prompt", None)  # PnP's, for the targets' unconditional pass
+        if isinstance(negative, str) and negative:
+            self.model.check_prompt_length(negative, "negative prompt")
         seed = None if seed is None else check_seed(seed)
         self.model.check_prompt_length(inv.source_prompt, "the inversion's source prompt")
         self.check_prompts(None, targets)

@@ -53,6 +53,13 @@ non_negative_float = _checked(
     float, lambda v: math.isfinite(v) and v >= 0, "a non-negative number", "a finite non-negative number"
 )
 unit_float = _checked(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]", "a number in [0, 1]")
-count_arg = _checked(int, lambda v: 0 < v <= MAX_COUNT, "a positive integer", f"an integer in [1, {MAX_COUNT}]")
+
+
+def int_in(low: int, high: int):
+    """An argparse type: an integer in ``[low, high]`` (bounds that keep a run's size sane)."""
+    return _checked(int, lambda v: low <= v <= high, "an integer", f"an integer in [{low}, {high}]")
+
+
+count_arg = int_in(1, MAX_COUNT)
 seed_arg = _from_check(int, check_seed, "an integer seed")
 guidance_arg = _from_check(float, check_guidance, "a number")

@@ -21,7 +21,6 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from .argtypes import count_arg, guidance_arg, non_negative_int, positive_int, seed_arg, unit_float
@@ -596,6 +595,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _version(package: str) -> str:
+    from importlib import metadata
+
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -650,7 +651,8 @@ def _one_line(message: str) -> str:
 
 
 def _fail(message: str, status: int) -> int:
-    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+    with contextlib.suppress(OSError):  # stderr may be a closed pipe as well
+        print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
     return status
 
 

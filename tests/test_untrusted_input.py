@@ -350,7 +350,7 @@ def test_control_of_a_wrong_kind(editor, inversion, control):
 
 def test_control_for_a_method_without_one(editor):
     inv = editor.invert(make_test_image(), SRC, method="edict", steps=2)
-    with pytest.raises(PyinvError, match="takes no attention control"):
+    with pytest.raises(PyinvError, match="does not support attention control"):
         editor.edit(inv, TGT, control="p2p")
 
 
@@ -394,3 +394,50 @@ def test_closed_stdout_pipe_is_quiet():
     os.close(write_end)
     _, stderr = proc.communicate(timeout=120)
     assert stderr == "" and proc.returncode == 141
+
+
+# ---------------------------------------------------------------------- any command line
+class _Loaded(Exception):
+    """Raised instead of loading a model: the arguments passed every check before it."""
+
+
+VALUES = st.sampled_from(
+    ["0", "-1", "2", "1e20", "nan", "inf", "-inf", str(2**70), "0.5", "1:0", "0.2:0.8", "{", '{"x": [0, 2]}', "", " "]
+    + ["cuda:7", "mps", "meta", "fp8", "x=nan", "a b", "x" * 300 + ".png", "/proc/x.png", "out.gif", "out.png"]
+) | st.text(max_size=10)
+FLAGS = [
+    "--source", "--target", "--method", "--steps", "--guidance", "--inversion-guidance", "--seed", "--device",
+    "--dtype", "--schedule", "--form", "--inner-steps", "--eta", "--skip", "--control", "--edit", "--cross-replace",
+    "--self-replace", "--reweight", "--blend-words", "--blend-threshold", "--blend-start", "--masa-step",
+    "--masa-layer", "--pnp-feature-steps", "--pnp-attention-steps", "--negative-prompt", "--count", "--out",
+    "--save-inversion", "--model",
+]  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    command=st.sampled_from(["edit", "invert", "generate"]),
+    options=st.lists(st.tuples(st.sampled_from(FLAGS), VALUES), max_size=6),
+)
+def test_any_command_line_is_accepted_or_one_line(command, options, source_png, tmp_path, capsys, monkeypatch):
+    """Random flags and values: either every check passes (and the model would load) or the
+    run ends with exactly one error line and a non-zero status, never a traceback or a file."""
+
+    def loaded(*args, **kwargs):
+        raise _Loaded
+
+    monkeypatch.setattr(cli, "load_editor", loaded)
+    monkeypatch.chdir(tmp_path)
+    head = {  # the required arguments first; the random ones after them override them
+        "edit": ["edit", source_png, "--source", SRC, "--target", TGT, "--out", "o.png"],
+        "invert": ["invert", source_png, "--source", SRC, "--out", "o.safetensors"],
+        "generate": ["generate", "a red ball", "--out", "o.png"],
+    }
+    argv = [*head[command], *(part for pair in options for part in pair)]
+    try:
+        status = cli.main(argv)
+    except _Loaded:
+        capsys.readouterr()
+    else:
+        one_error_line(status, capsys)
+    assert [p.name for p in tmp_path.iterdir()] == []
