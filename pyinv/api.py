@@ -74,8 +74,8 @@ def _targets(target: str | Sequence[str]) -> list[str]:
 
 _check_guidance = check_guidance
 
-#: share of pixel values at pure black or white past which an output counts as blown out
-SATURATED = 0.99
+#: an output whose every pixel lies within this range of one colour (one 8-bit level) is blank
+FLAT = 1.0 / 127.5
 
 
 def _controller(control: Any) -> Controller | None:
@@ -99,14 +99,16 @@ def _controller(control: Any) -> Controller | None:
 
 
 def _check_pixels(pixels: torch.Tensor, what: str, guidance: float) -> None:
-    """Refuse a decoded output ``(B, 3, H, W)`` that is non-finite or blown out to pure
-    black/white (e.g. from a huge guidance scale): an error, never an image file."""
+    """Refuse a decoded output ``(B, 3, H, W)`` that is non-finite, or blank — one flat colour,
+    e.g. saturated by a huge guidance scale: an error, never an image file. (Flat colours are
+    fine; an image that is nothing but one is not an edit.)"""
     hint = f" (guidance {guidance:g}; try a smaller one)"
     if not torch.isfinite(pixels).all():
         raise PyinvError(f"{what} produced non-finite values (NaN or infinity){hint}")
-    saturated = (pixels.abs() >= 1.0).flatten(1).float().mean(1)
-    if bool((saturated > SATURATED).any()):
-        raise PyinvError(f"{what} produced a blown-out image (over 99 % of its pixels pure black or white){hint}")
+    flat = pixels.flatten(2)
+    spread = (flat.amax(2) - flat.amin(2)).amax(1)
+    if bool((spread <= FLAT).any()):
+        raise PyinvError(f"{what} produced a blank image (every pixel the same colour){hint}")
 
 
 class Editor:
@@ -144,7 +146,7 @@ class Editor:
         return tensor_to_pil(self.model.decode(latents))
 
     def _decode_checked(self, latents: torch.Tensor, what: str, guidance: float) -> list[Image.Image]:
-        """:meth:`decode`, refusing non-finite or blown-out results (see :func:`_check_pixels`)."""
+        """:meth:`decode`, refusing non-finite or blank results (see :func:`_check_pixels`)."""
         if not torch.isfinite(latents).all():
             raise PyinvError(f"{what} produced non-finite values (NaN or infinity) (guidance {guidance:g})")
         pixels = self.model.decode(latents)

@@ -92,6 +92,19 @@ def test_integers_out_of_range(argv, phrase, tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "shapes", "--count", str(10**20)],
+        ["benchmark", "--resolution", str(10**9)],
+        ["benchmark", "--warmup", "-1"],
+        ["benchmark", "--repeats", str(2**70)],
+    ],
+)
+def test_run_sizes_out_of_range(argv, capsys):
+    assert "expected an integer in [" in one_error_line(cli.main(argv), capsys)
+
+
 @pytest.mark.parametrize("seed", [2**64, -1, 2**70, 1.5, "3", True])
 def test_api_seeds_out_of_range(editor, inversion, seed):
     with pytest.raises(PyinvError, match="seed"):
@@ -208,11 +221,11 @@ def test_overflowing_edit_is_an_error(editor, inversion, tmp_path, capsys):
 
 @pytest.mark.parametrize("value", [float("nan"), 1.0, -1.0])
 def test_degenerate_result_is_an_error(editor, inversion, monkeypatch, value):
-    """NaN pixels, or every pixel saturated to white or black, are errors, not images."""
+    """NaN pixels, or a blank image (every pixel saturated to one colour), are errors, not images."""
     monkeypatch.setattr(editor.model, "decode", lambda z: torch.full((len(z), 3, 32, 32), value))
-    with pytest.raises(PyinvError, match="non-finite|blown-out"):
+    with pytest.raises(PyinvError, match="non-finite|blank image"):
         editor.edit(inversion, TGT)
-    with pytest.raises(PyinvError, match="non-finite|blown-out"):
+    with pytest.raises(PyinvError, match="non-finite|blank image"):
         editor.generate("a red ball", steps=1)
 
 
