@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checks import check_guidance, check_seed
+from .checks import check_guidance, check_seed, check_text
 from .control.base import Controller
 from .errors import PyinvError
 from .imageio import center_crop_resize, load_image, pil_to_tensor, tensor_to_pil
 from .inversion import Inversion, get_method
 from .models import DiffusionModel, load_model
-from .schedule import SCHEDULE_MODES
+from .schedule import SCHEDULE_MODES, make_schedule
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
@@ -55,8 +55,7 @@ class EditResult:
 
 
 def _check_prompt(prompt: Any, what: str, allow_empty: bool = False) -> str:
-    if not isinstance(prompt, str):
-        raise PyinvError(f"{what} must be a string, got {type(prompt).__name__}")
+    check_text(prompt, what)
     if not prompt.strip() and not allow_empty:
         raise PyinvError(f"{what} is empty")
     return prompt
@@ -215,9 +214,10 @@ class Editor:
         unknown = set(options) - set(algo.invert_options)
         if unknown:
             raise PyinvError(f"method {algo.name!r} has no inversion option(s) {', '.join(sorted(unknown))}")
-        train = int(self.model.scheduler_config.get("num_train_timesteps", 1000))
-        if steps > train:
-            raise PyinvError(f"steps must be at most {train}, got {steps}")
+        try:  # cheap, and says when the steps do not fit the spacing (1000 steps at offset 1)
+            make_schedule(self.model.scheduler_config, steps, mode)
+        except ValueError as exc:
+            raise PyinvError(str(exc)) from None
         z0 = latents()
         with _seeded(seed, self.model.device):
             return algo.invert(self.model, z0, source_prompt, steps, guidance, mode, self.progress, **options)

@@ -5,6 +5,8 @@ the command line's argument types (which turn the same message into a usage erro
 
 - A seed is an integer in ``[0, 2**64 − 1]``, the range torch's generators take; a run of
   ``count`` seeds ``seed … seed + count − 1`` must stay inside it.
+- A text (a prompt) is a ``str`` that encodes as UTF-8 (a command line's undecodable bytes
+  arrive as lone surrogates, which the tokenizer cannot take).
 - A guidance scale is a finite number in ``[0, MAX_GUIDANCE]``. The papers edit with 1–15
   (7.5 most often) and images saturate long before 50; larger values only make overflowing,
   all-black or all-white images, so they are refused before any work is done.
@@ -50,3 +52,14 @@ def check_guidance(guidance: Any, what: str = "guidance") -> float:
     if not math.isfinite(value) or not 0.0 <= value <= MAX_GUIDANCE:
         raise PyinvError(f"{what} must be a number in [0, {MAX_GUIDANCE:g}], got {guidance}")
     return value
+
+
+def check_text(text: Any, what: str = "prompt") -> str:
+    """``text`` when it is a string the tokenizer can take (valid Unicode), else a clear error."""
+    if not isinstance(text, str):
+        raise PyinvError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PyinvError(f"{what} is not valid text (it holds bytes that are not UTF-8): {text!r}") from None
+    return text

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .argtypes import count_arg, guidance_arg, non_negative_int, positive_int, seed_arg, unit_float
-from .checks import check_seed
+from .checks import check_seed, check_text
 from .cli_control import CONTROL_EPILOG, add_control_args, controller_from_args
 from .errors import PyinvError
 
@@ -253,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------- validation helpers
 def _prompt(text: str | None, flag: str) -> str | None:
-    """``text`` unchanged, or a clear error when it was given but is blank."""
+    """``text`` unchanged, or a clear error when it was given but is blank or not valid text."""
+    if text is not None:
+        check_text(text, flag)
     if text is not None and not text.strip():
         raise PyinvError(f"{flag} is empty")
     return text

@@ -178,8 +178,10 @@ class DiffusionModel:
     def check_prompt_length(self, prompt: str, what: str = "prompt") -> str:
         """``prompt``, or a :class:`PyinvError` when it has more tokens than the text encoder
         reads (the rest would be cut off, and words there could not be edited)."""
+        from .checks import check_text
+
         room = self.max_tokens - 2  # the start and end tokens
-        count = self.token_count(prompt)
+        count = self.token_count(check_text(prompt, what))
         if count > room:
             raise PyinvError(
                 f"{what} is {count} tokens long but model {self.name!r} reads at most {room}; "

@@ -81,6 +81,7 @@ def no_model_load(monkeypatch) -> None:
         (["--seed", "1" * 5000], "expected an integer seed"),
         (["--count", "1000000000"], "[1, 100]"),
         (["--steps", str(2**70)], "steps"),
+        (["--steps", "1000"], "1000 steps do not fit the reference spacing"),
     ],
 )
 def test_integers_out_of_range(argv, phrase, tmp_path, capsys, monkeypatch):
@@ -270,6 +271,22 @@ def test_long_prompt_is_an_error(editor, inversion, source_png, tmp_path, capsys
     out = tmp_path / "out.png"
     argv = ["edit", source_png, "--source", SRC, "--target", LONG, *FAST, "--out", str(out)]
     assert "target prompt is 80 tokens long" in one_error_line(cli.main(argv), capsys, out)
+
+
+@pytest.mark.parametrize("flag", ["--source", "--target"])
+def test_prompt_that_is_not_text(flag, source_png, tmp_path, capsys, monkeypatch):
+    """Undecodable bytes on a command line arrive as lone surrogates; the tokenizer cannot take them."""
+    no_model_load(monkeypatch)
+    out = tmp_path / "out.png"
+    line = one_error_line(cli.main([*edit_argv(source_png, out), flag, "a cat \udcff"]), capsys, out)
+    assert f"{flag} is not valid text" in line
+
+
+def test_api_prompt_that_is_not_text(editor, inversion):
+    with pytest.raises(PyinvError, match="not valid text"):
+        editor.edit(inversion, "a \udcff")
+    with pytest.raises(PyinvError, match="must be a string"):
+        editor.generate(["a red ball", 3], steps=1)
 
 
 def test_blend_word_past_the_limit_says_why(source_png, tmp_path, capsys):
