@@ -71,9 +71,7 @@ def _targets(target: str | Sequence[str]) -> list[str]:
     return targets
 
 
-_check_guidance = check_guidance
-
-#: an output whose every pixel lies within this range of one colour (one 8-bit level) is blank
+#: an output whose every pixel lies within this range of one saturated colour (one 8-bit level) is blank
 FLAT = 1.0 / 127.5
 
 
@@ -97,17 +95,20 @@ def _controller(control: Any) -> Controller | None:
     return control  # a method that takes none (EDICT) refuses it with its own message
 
 
-def _check_pixels(pixels: torch.Tensor, what: str, guidance: float) -> None:
-    """Refuse a decoded output ``(B, 3, H, W)`` that is non-finite, or blank — one flat colour,
-    e.g. saturated by a huge guidance scale: an error, never an image file. (Flat colours are
-    fine; an image that is nothing but one is not an edit.)"""
+def _check_pixels(pixels: torch.Tensor, what: str, guidance: float, blank: bool = True) -> None:
+    """Refuse a decoded output ``(B, 3, H, W)`` in ``[-1, 1]`` that is non-finite or (with
+    ``blank``) blown out to nothing: one flat colour whose every channel is saturated (black,
+    white, pure red, …), what a huge guidance scale gives. An error, never an image file."""
     hint = f" (guidance {guidance:g}; try a smaller one)"
     if not torch.isfinite(pixels).all():
         raise PyinvError(f"{what} produced non-finite values (NaN or infinity){hint}")
+    if not blank:
+        return
     flat = pixels.flatten(2)
     spread = (flat.amax(2) - flat.amin(2)).amax(1)
-    if bool((spread <= FLAT).any()):
-        raise PyinvError(f"{what} produced a blank image (every pixel the same colour){hint}")
+    saturated = (flat.abs() >= 1.0 - FLAT).flatten(1).all(1)
+    if bool(((spread <= FLAT) & saturated).any()):
+        raise PyinvError(f"{what} produced a blank image (every pixel the same saturated colour){hint}")
 
 
 class Editor:
@@ -144,12 +145,14 @@ class Editor:
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         return tensor_to_pil(self.model.decode(latents))
 
-    def _decode_checked(self, latents: torch.Tensor, what: str, guidance: float) -> list[Image.Image]:
+    def _decode_checked(
+        self, latents: torch.Tensor, what: str, guidance: float, blank: bool = True
+    ) -> list[Image.Image]:
         """:meth:`decode`, refusing non-finite or blank results (see :func:`_check_pixels`)."""
         if not torch.isfinite(latents).all():
             raise PyinvError(f"{what} produced non-finite values (NaN or infinity) (guidance {guidance:g})")
         pixels = self.model.decode(latents)
-        _check_pixels(pixels, what, guidance)
+        _check_pixels(pixels, what, guidance, blank)
         return tensor_to_pil(pixels)
 
     def check_prompts(self, source_prompt: str | None = None, targets: Sequence[str] = ()) -> None:
@@ -207,7 +210,7 @@ class Editor:
             raise PyinvError(f"steps must be a positive integer, got {steps!r}")
         if guidance is None:  # a method may invert at another guidance than it edits with (EF-DDPM)
             guidance = algo.default_inversion_guidance
-        guidance = _check_guidance(algo.default_guidance if guidance is None else guidance)
+        guidance = check_guidance(algo.default_guidance if guidance is None else guidance)
         mode = schedule or algo.default_schedule
         if mode not in SCHEDULE_MODES:
             raise PyinvError(f"unknown schedule {mode!r}; use one of {', '.join(SCHEDULE_MODES)}")
@@ -247,12 +250,15 @@ class Editor:
         out = self._edit_latents(inv, targets, guidance, control, with_source, seed, **options)
         w = get_method(inv.method).default_guidance if guidance is None else float(guidance)  # checked above
         images = self._decode_checked(out.targets, "the edit", w) if len(out.targets) else []
-        source_image = self._decode_checked(out.source, "the reconstruction", w)[0] if out.source is not None else None
+        # a reconstruction may be as flat as its image; only a non-finite one is an error
+        source = None
+        if out.source is not None:
+            source = self._decode_checked(out.source, "the reconstruction", w, blank=False)
         return EditResult(
             images=images,
             latents=out.targets,
             prompts=targets,
-            source_image=source_image,
+            source_image=source[0] if source else None,
             source_latents=out.source,
             unet_calls=out.unet_calls,
             unet_image_forwards=out.unet_image_forwards,
@@ -264,7 +270,7 @@ class Editor:
         """The edit's latents (no decode): the method's :class:`~pyinv.inversion.base.EditOutput`."""
         inv.check_model(self.model)
         algo = get_method(inv.method)
-        guidance = _check_guidance(algo.default_guidance if guidance is None else guidance)
+        guidance = check_guidance(algo.default_guidance if guidance is None else guidance)
         control = _controller(control)
         negative = getattr(control, "negative_prompt", None)  # PnP's, for the targets' unconditional pass
         if isinstance(negative, str) and negative:
@@ -326,7 +332,7 @@ class Editor:
         self.check_prompts(None, prompts)
         if negative_prompt:
             self.model.check_prompt_length(negative_prompt, "negative prompt")
-        guidance = _check_guidance(guidance)
+        guidance = check_guidance(guidance)
         latents = sample(self.model, prompts, seeds, steps, guidance, negative_prompt, progress=self.progress)
         return self._decode_checked(latents, "sampling", guidance)
 

@@ -220,14 +220,23 @@ def test_overflowing_edit_is_an_error(editor, inversion, tmp_path, capsys):
     assert "the edit produced non-finite values" in one_error_line(status, capsys, out)
 
 
-@pytest.mark.parametrize("value", [float("nan"), 1.0, -1.0])
+@pytest.mark.parametrize("value", [float("nan"), 1.0, -1.0, (1.0, -1.0, -1.0)])
 def test_degenerate_result_is_an_error(editor, inversion, monkeypatch, value):
-    """NaN pixels, or a blank image (every pixel saturated to one colour), are errors, not images."""
-    monkeypatch.setattr(editor.model, "decode", lambda z: torch.full((len(z), 3, 32, 32), value))
+    """NaN pixels, or a blank image (every pixel one saturated colour), are errors, not images."""
+    colour = torch.tensor(value if isinstance(value, tuple) else (value,) * 3).view(1, 3, 1, 1)
+    monkeypatch.setattr(editor.model, "decode", lambda z: colour.expand(len(z), 3, 32, 32).clone())
     with pytest.raises(PyinvError, match="non-finite|blank image"):
         editor.edit(inversion, TGT)
     with pytest.raises(PyinvError, match="non-finite|blank image"):
         editor.generate("a red ball", steps=1)
+
+
+def test_flat_but_unsaturated_results_are_images(editor, inversion, monkeypatch):
+    """A flat mid-grey (or a flat reconstruction of a flat image) is an image, not an error."""
+    monkeypatch.setattr(editor.model, "decode", lambda z: torch.zeros(len(z), 3, 32, 32))
+    assert len(editor.edit(inversion, TGT).images) == 1
+    monkeypatch.setattr(editor.model, "decode", lambda z: torch.ones(len(z), 3, 32, 32))
+    assert editor.reconstruct(inversion).source_image is not None
 
 
 def test_reweight_scale_must_be_finite(source_png, tmp_path, capsys, monkeypatch):
