@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .checks import check_text
 from .errors import PyinvError
 from .presets import PRESETS
 
@@ -178,8 +179,6 @@ class DiffusionModel:
     def check_prompt_length(self, prompt: str, what: str = "prompt") -> str:
         """``prompt``, or a :class:`PyinvError` when it has more tokens than the text encoder
         reads (the rest would be cut off, and words there could not be edited)."""
-        from .checks import check_text
-
         room = self.max_tokens - 2  # the start and end tokens
         count = self.token_count(check_text(prompt, what))
         if count > room:

@@ -375,6 +375,37 @@ def test_api_image_of_a_wrong_kind(editor, source):
         editor.invert(source, SRC, method="ddim", steps=1)
 
 
+# ---------------------------------------------------------------------- the API's method options
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("null-text", {"inner_steps": "a"}),
+        ("null-text", {"inner_steps": -3}),
+        ("null-text", {"inner_steps": 2**70}),
+        ("null-text", {"epsilon": float("nan")}),
+        ("prompt-tuning", {"inner_steps": 1.5}),
+        ("prompt-tuning", {"init_prompt": 3}),
+        ("direct", {"form": 3}),
+        ("edict", {"mixing": "x"}),
+    ],
+)
+def test_api_invert_options_of_a_wrong_kind(editor, method, options):
+    source = "" if "init_prompt" in options else SRC  # prompt-tuning starts from init_prompt without a source
+    with pytest.raises(PyinvError, match="|".join(options)):
+        editor.invert(make_test_image(), source, method=method, steps=2, **options)
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [("prompt-tuning", {"eta": "x"}), ("prompt-tuning", {"eta": float("nan")}), ("ddim", {"skip": 1})],
+)
+def test_api_edit_options_of_a_wrong_kind(editor, method, options):
+    extra = {"inner_steps": 1} if method == "prompt-tuning" else {}
+    inv = editor.invert(make_test_image(), SRC, method=method, steps=2, **extra)
+    with pytest.raises(PyinvError):
+        editor.edit(inv, TGT, **options)
+
+
 # ---------------------------------------------------------------------- the API's control argument
 def test_control_by_name(editor, inversion):
     assert len(editor.edit(inversion, TGT, control="p2p").images) == 1
