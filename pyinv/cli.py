@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -368,11 +369,36 @@ def _quiet_libraries():
     return quiet_libraries()
 
 
+@contextlib.contextmanager
+def _interrupt_exits() -> Iterator[None]:
+    """While the libraries are imported and the model loads, Ctrl-C ends the process at once
+    with the one ``interrupted`` line and status 130. A KeyboardInterrupt raised inside
+    import code can be swallowed (numpy's C initialisation turns it into an ImportError that
+    torch tolerates) or leave a half-imported module behind; nothing is written yet to clean up."""
+
+    def stop(signum, frame):
+        _fail("interrupted", EXIT_INTERRUPTED)
+        with contextlib.suppress(OSError):
+            sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+
+    try:
+        previous = signal.signal(signal.SIGINT, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def load_editor(model: str, device: torch.device, dtype: torch.dtype, progress: bool):
     """Load the model (the one expensive setup step), without library chatter on stderr."""
-    from .api import Editor
+    with _interrupt_exits():
+        from .api import Editor
 
-    return Editor.from_pretrained(model, device=device, dtype=dtype, progress=progress)
+        return Editor.from_pretrained(model, device=device, dtype=dtype, progress=progress)
 
 
 @contextlib.contextmanager
@@ -674,7 +700,9 @@ def _exit_status(code: Any) -> int:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; errors propagate (see :func:`main`)."""
-    args = build_parser().parse_args(argv)
+    with _interrupt_exits():  # building the parser imports torch and the benchmarks
+        parser = build_parser()
+    args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)
 

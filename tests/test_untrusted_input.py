@@ -430,31 +430,30 @@ def _pyinv(*argv: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pyinv", *argv], env=env, text=True, **kwargs)
 
 
-def _libtorch_loaded(pid: int) -> bool:
+def _mapped(pid: int, library: str) -> bool:
     with open(f"/proc/{pid}/maps") as f:
-        return "libtorch" in f.read()
+        return library in f.read()
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc to see when torch loads")
-def test_ctrl_c_while_the_libraries_load(source_png, tmp_path):
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc to see what the process has loaded")
+@pytest.mark.parametrize("library", ["_multiarray_umath", "libtorch", "diffusers"])
+def test_ctrl_c_while_the_libraries_load(library, source_png, tmp_path):
+    """Ctrl-C as numpy's C core loads (where a KeyboardInterrupt used to be swallowed or turn
+    into an ImportError), as torch loads, and later: one line, status 130, no output."""
     out = tmp_path / "out.png"
-    proc = _pyinv(
-        *edit_argv(source_png, out)[:-2],
-        "--model",
-        "tiny",
-        "--out",
-        str(out),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    argv = [*edit_argv(source_png, out), "--model", "tiny"]
+    proc = _pyinv(*argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
-    while not _libtorch_loaded(proc.pid) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
+    marker = library if library != "diffusers" else "libtorch"
+    while proc.poll() is None and time.monotonic() < deadline and not _mapped(proc.pid, marker):
+        time.sleep(0.005)
+    if library == "diffusers":
+        time.sleep(1.0)  # past torch: diffusers and transformers import, the model loads
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert stderr.splitlines() == ["pyinv: error: interrupted"] and stdout == ""
-    assert not out.exists()
+    assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_closed_stdout_pipe_is_quiet():
