@@ -61,14 +61,24 @@ def _check_prompt(prompt: Any, what: str, allow_empty: bool = False) -> str:
     return prompt
 
 
+def _prompts(value: Any, what: str = "target prompt") -> list[str]:
+    """One prompt or a sequence of them, as a checked, non-empty list."""
+    if isinstance(value, str):
+        prompts = [value]
+    elif isinstance(value, Sequence):
+        prompts = list(value)
+    else:
+        raise PyinvError(f"{what} must be a string or a list of strings, got {type(value).__name__}")
+    if not prompts:
+        raise PyinvError(f"no {what} given")
+    for k, prompt in enumerate(prompts):
+        _check_prompt(prompt, what if len(prompts) == 1 else f"{what} {k + 1}")
+    return prompts
+
+
 def _targets(target: str | Sequence[str]) -> list[str]:
     """The target prompts as a checked, non-empty list."""
-    targets = [target] if isinstance(target, str) else list(target)
-    if not targets:
-        raise PyinvError("no target prompt given")
-    for k, prompt in enumerate(targets):
-        _check_prompt(prompt, "target prompt" if len(targets) == 1 else f"target prompt {k + 1}")
-    return targets
+    return _prompts(target, "target prompt")
 
 
 #: an output whose every pixel lies within this range of one saturated colour (one 8-bit level) is blank
@@ -321,9 +331,7 @@ class Editor:
         """
         from .generate import sample
 
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        for k, text in enumerate(prompts):
-            _check_prompt(text, "prompt" if len(prompts) == 1 else f"prompt {k + 1}")
+        prompts = _prompts(prompt, "prompt")
         seeds = list(seed) if isinstance(seed, Sequence) and not isinstance(seed, str) else [seed] * len(prompts)
         seeds = [check_seed(s, "seed" if len(seeds) == 1 else f"seed {k + 1}") for k, s in enumerate(seeds)]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:

@@ -167,6 +167,12 @@ def test_in_memory_inversion_is_checked_too(good_files, editor):
         editor.edit(inv, "a blue cube")
 
 
+@pytest.mark.parametrize("value", [123, None, b"x.safetensors"])
+def test_inversion_of_a_wrong_kind(editor, value):
+    with pytest.raises(PyinvError, match="Inversion or the path"):
+        editor.edit(value, "a blue cube")
+
+
 def test_good_files_still_edit(good_files, editor):
     for path in good_files.values():
         assert editor.edit(path, "a photo of a blue cube").images[0].size == (32, 32)

@@ -296,6 +296,13 @@ def test_api_prompt_that_is_not_text(editor, inversion):
         editor.edit(inversion, "a \udcff")
     with pytest.raises(PyinvError, match="must be a string"):
         editor.generate(["a red ball", 3], steps=1)
+    for value in (3, None, {"a": 1}):
+        with pytest.raises(PyinvError, match="must be a string"):
+            editor.edit(inversion, value)
+        with pytest.raises(PyinvError, match="must be a string"):
+            editor.generate(value, steps=1)
+    with pytest.raises(PyinvError, match="no prompt given"):
+        editor.generate([], steps=1)
 
 
 def test_blend_word_past_the_limit_says_why(source_png, tmp_path, capsys):

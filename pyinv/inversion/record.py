@@ -122,6 +122,8 @@ class Inversion:
         """Read an inversion file; with ``model``, refuse one made with another model."""
         from safetensors import SafetensorError, safe_open
 
+        if not isinstance(path, str | os.PathLike):
+            raise PyinvError(f"an inversion is an Inversion or the path of its file, got {type(path).__name__}")
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise PyinvError(f"inversion file not found: {path}")
