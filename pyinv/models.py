@@ -306,8 +306,9 @@ def fingerprints_match(a: dict[str, Any], b: dict[str, Any]) -> bool:
     if a.get("config_sha256") != b.get("config_sha256"):
         return False
     wa, wb = a.get("weight_sample") or [], b.get("weight_sample") or []
-    if len(wa) != len(wb):
-        return False
+    numbers = (int, float)
+    if not isinstance(wa, list) or len(wa) != len(wb) or not all(isinstance(v, numbers) for v in wa):
+        return False  # also a tampered file's sample that is not a list of numbers
     return bool(torch.allclose(torch.tensor(wa), torch.tensor(wb), rtol=1e-2, atol=1e-3))
 
 

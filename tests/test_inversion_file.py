@@ -91,6 +91,10 @@ def _option(key, value) -> Callable[[Meta, Tensors], None]:
     return lambda meta, tensors: meta["options"].__setitem__(key, value)
 
 
+def _fingerprint(sample) -> Callable[[Meta, Tensors], None]:
+    return lambda meta, tensors: meta["model"].__setitem__("weight_sample", sample)
+
+
 def _as_null_text(meta, tensors):
     meta["method"], meta["options"] = "null-text", {}
 
@@ -125,6 +129,9 @@ CASES = {
     "embeddings of another width": ("null-text", _tensor("null_embeddings", lambda t: t[..., :16]), "width is 16"),
     "embeddings with NaN": ("null-text", _tensor("null_embeddings", _with_nan), "non-finite"),
     "unknown tensor": ("direct", _extra_tensor, "unknown tensor 'payload'"),
+    "embeddings of two dimensions": ("null-text", _tensor("null_embeddings", lambda t: t[0]), "null_embeddings"),
+    "fingerprint not numbers": ("direct", _fingerprint(["a"] * 16), "made with model"),
+    "fingerprint of another length": ("direct", _fingerprint([0.0]), "made with model"),
 }
 
 
@@ -184,24 +191,31 @@ JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=6,
 )
-FIELDS = ["method", "model", "source_prompt", "num_steps", "guidance", "schedule", "image_size", "options", "stats"]
+FIELDS = [
+    ("method",), ("model",), ("source_prompt",), ("num_steps",), ("guidance",), ("schedule",), ("image_size",),
+    ("options",), ("stats",), ("model", "weight_sample"), ("model", "config_sha256"), ("schedule", "timesteps"),
+    ("schedule", "config"), ("schedule", "mode"), ("options", "form"),
+]  # fmt: skip
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(field=st.sampled_from(FIELDS), value=JSON, drop=st.booleans())
-def test_any_metadata_change_loads_or_fails_cleanly(good_files, tmp_path, field, value, drop):
-    """Whatever a field is changed to (or if it is dropped), loading either succeeds or
-    raises a PyinvError: never another exception."""
+def test_any_metadata_change_edits_or_fails_cleanly(good_files, editor, tmp_path, field, value, drop):
+    """Whatever a field is changed to (or if it is dropped), loading for the model and editing
+    either succeed or raise a PyinvError: never another exception."""
 
     def change(meta, tensors):
+        parent = meta
+        for key in field[:-1]:
+            parent = parent[key]
         if drop:
-            meta.pop(field, None)
+            parent.pop(field[-1], None)
         else:
-            meta[field] = value
+            parent[field[-1]] = value
 
     path = _rewrite(good_files["direct"], tmp_path / "fuzz.safetensors", change)
     try:
-        Inversion.load(path)
+        editor.edit(editor.load_inversion(path), "a blue cube")
     except PyinvError:
         pass
     finally:

@@ -37,7 +37,7 @@ TENSOR_SHAPES: dict[str, tuple[str | int, ...]] = {
 def _size(dim: str | int, sizes: dict[str, int]) -> int:
     if isinstance(dim, int):
         return dim
-    return sizes["N"] + 1 if dim == "N+1" else sizes[dim]
+    return sizes["N"] + 1 if dim == "N+1" else sizes.get(dim, -1)  # -1: no tensor gave it, so none fits
 
 
 def _typed(value: Any, kind: type | tuple[type, ...], name: str, path: str) -> Any:
@@ -221,6 +221,11 @@ class Inversion:
                 raise PyinvError(f"{label}: tensor {name} holds non-finite values (NaN or infinity)")
 
     def _check_schedule(self, label: str) -> None:
+        from ..schedule import SCHEDULE_MODES
+
+        mode = self.schedule.get("mode", "reference")
+        if not isinstance(mode, str) or mode not in SCHEDULE_MODES:
+            raise PyinvError(f"{label}: unknown schedule spacing {str(mode)[:40]!r}")
         config = self.schedule.get("config")
         train = config.get("num_train_timesteps", 1000) if isinstance(config, dict) else 1000
         timesteps = self.schedule.get("timesteps")
