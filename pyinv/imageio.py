@@ -60,43 +60,41 @@ def _to_rgb(img: Image.Image, label: str = "image") -> Image.Image:
 def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
     """Open ``source`` (path, PIL image or HWC uint8 array) as an 8-bit RGB PIL image."""
     if isinstance(source, Image.Image):
-        img = source
-    elif isinstance(source, np.ndarray):
+        return _finish(source, getattr(source, "filename", "") or "image")
+    if isinstance(source, np.ndarray):
         arr = source
         if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
             raise PyinvError(f"numpy images must be uint8 HxW or HxWx3 (or x4), got {arr.dtype} {arr.shape}")
-        img = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
-    elif not isinstance(source, str | os.PathLike):
+        return _finish(Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr), "image")
+    if not isinstance(source, str | os.PathLike):
         raise PyinvError(f"image must be a path, a PIL image or a numpy array, got {type(source).__name__}")
-    else:
-        path = os.fspath(source)
-        if not os.path.exists(path):
-            raise PyinvError(f"image not found: {path}")
-        if os.path.isdir(path):
-            raise PyinvError(f"expected an image file, got a folder: {path}")
-        if os.path.getsize(path) == 0:
-            raise PyinvError(f"image file is empty: {path}")
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        raise PyinvError(f"image not found: {path}")
+    if os.path.isdir(path):
+        raise PyinvError(f"expected an image file, got a folder: {path}")
+    if os.path.getsize(path) == 0:
+        raise PyinvError(f"image file is empty: {path}")
+    with warnings.catch_warnings():
+        # Pillow's notes on odd files ("Tag data larger than file", its bomb warning: pyinv
+        # applies its own MAX_PIXELS) would only be noise on stderr; _open reports errors
+        warnings.simplefilter("ignore")
+        img = _open(path)
         try:
-            with warnings.catch_warnings():
-                # pyinv applies its own size limit (MAX_PIXELS) right after opening
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(path)
-        except Image.DecompressionBombError:
-            raise PyinvError(f"image is too large (over {MAX_PIXELS // 1_000_000} megapixels): {path}") from None
-        except UnidentifiedImageError:
-            raise PyinvError(f"not an image file (or an unsupported format): {path}") from None
-        except OSError as exc:
-            raise PyinvError(f"cannot read image {path}: {exc}") from None
-        _check_size(img, path)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img.load()
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise PyinvError(f"image file is damaged or truncated: {path} ({exc})") from None
-    label = getattr(img, "filename", "") or "image"
+            out = _finish(img, path)
+            return out.copy() if out is img else out
+        finally:
+            img.close()  # multi-frame formats keep the file open otherwise
+
+
+def _finish(img: Image.Image, label: str) -> Image.Image:
+    """``img`` checked for size, turned upright and converted to 8-bit RGB."""
     _check_size(img, label)
-    return _to_rgb(_upright(img, label), label)
+    upright = _upright(img, label)
+    try:
+        return _to_rgb(upright, label)
+    except (ValueError, OSError, TypeError) as exc:
+        raise PyinvError(f"cannot convert image mode {img.mode} to RGB: {label} ({exc})") from None
 
 
 def _upright(img: Image.Image, label: str) -> Image.Image:
@@ -105,8 +103,32 @@ def _upright(img: Image.Image, label: str) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's notes about odd EXIF data
             return ImageOps.exif_transpose(img)
-    except (OSError, SyntaxError, ValueError, TypeError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - malformed EXIF data fails in many ways
         raise PyinvError(f"image has damaged EXIF data: {label} ({exc})") from None
+
+
+def _open(path: str) -> Image.Image:
+    """Open and decode ``path`` with Pillow; every failure is one clear error, and the file
+    is closed. Pillow's decoders raise many kinds of exception on malformed data (OSError,
+    ValueError, SyntaxError, struct.error, EOFError, …), so any exception is a damaged file."""
+    try:
+        img = Image.open(path)
+    except Image.DecompressionBombError:
+        raise PyinvError(f"image is too large (over {MAX_PIXELS // 1_000_000} megapixels): {path}") from None
+    except UnidentifiedImageError:
+        raise PyinvError(f"not an image file (or an unsupported format): {path}") from None
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        raise PyinvError(f"cannot read image {path}: {exc}") from None
+    try:
+        _check_size(img, path)
+        img.load()
+    except PyinvError:
+        img.close()
+        raise
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        img.close()
+        raise PyinvError(f"image file is damaged or truncated: {path} ({exc})") from None
+    return img
 
 
 def _check_size(img: Image.Image, label: str) -> None:

@@ -8,6 +8,8 @@ matters (Ctrl-C while the libraries load, a closed stdout pipe).
 from __future__ import annotations
 
 import argparse
+import gc
+import io
 import os
 import signal
 import subprocess
@@ -372,6 +374,44 @@ def test_any_pixel_values_load_or_fail_cleanly(values, mode):
             assert "non-finite" in str(exc)
         else:
             assert img.mode == "RGB" and img.size == (16, 16)
+
+
+def _encoded(fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    make_test_image(24).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+ENCODED = {fmt: _encoded(fmt) for fmt in ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP", "PPM", "ICO")}
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    fmt=st.sampled_from(list(ENCODED)),
+    edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=8),
+    cut=st.none() | st.integers(1, 10_000),
+)
+def test_damaged_image_files_fail_cleanly(fmt, edits, cut, tmp_path):
+    """Bytes of a good file changed here and there (headers mostly), maybe cut short: the image
+    loads or fails with a PyinvError; no other exception, no warning, no file left open."""
+    data = bytearray(ENCODED[fmt])
+    for at, value in edits:
+        data[at % min(len(data), 256 if at % 3 else len(data))] = value
+    path = tmp_path / f"damaged.{fmt.lower()}"
+    path.write_bytes(bytes(data[:cut]))
+    unraisable = []  # an unclosed file warns when it is collected, where warnings cannot raise
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a Pillow warning fails the test
+            try:
+                assert load_image(path).mode == "RGB"
+            except PyinvError:
+                pass
+            gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    assert [str(u.exc_value) for u in unraisable] == []
 
 
 @pytest.mark.parametrize(
