@@ -8,8 +8,8 @@ the command line's argument types (which turn the same message into a usage erro
 - A text (a prompt) is a ``str`` that encodes as UTF-8 (a command line's undecodable bytes
   arrive as lone surrogates, which the tokenizer cannot take).
 - A guidance scale is a finite number in ``[0, MAX_GUIDANCE]``. The papers edit with 1–15
-  (7.5 most often) and images saturate long before 50; larger values only make overflowing,
-  all-black or all-white images, so they are refused before any work is done.
+  (7.5 most often); far larger scales saturate the image and then overflow (``1e20`` gave
+  an all-black "result"), so they are refused before any work is done.
 """
 
 from __future__ import annotations

@@ -385,7 +385,7 @@ def _encoded(fmt: str) -> bytes:
 ENCODED = {fmt: _encoded(fmt) for fmt in ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP", "PPM", "ICO")}
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     fmt=st.sampled_from(list(ENCODED)),
     edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=8),
