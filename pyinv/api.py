@@ -207,7 +207,21 @@ class Editor:
     ) -> Inversion:
         """:meth:`invert` from latents ``z0 (1, C, h, w)`` already encoded with :meth:`encode`
         (the benchmark times the stages separately)."""
-        return self._invert(lambda: z0, source_prompt, method, steps, guidance, schedule, seed, options)
+        return self._invert(
+            lambda: self._check_latents(z0), source_prompt, method, steps, guidance, schedule, seed, options
+        )
+
+    def _check_latents(self, z0: Any) -> torch.Tensor:
+        """``z0`` when it is a finite floating tensor ``(1, C, h, w)`` of this model's latent shape."""
+        m = self.model
+        shape = (1, m.latent_channels, m.latent_size, m.latent_size)
+        if not isinstance(z0, torch.Tensor) or not z0.is_floating_point():
+            raise PyinvError(f"latents must be a floating-point tensor {shape}, got {type(z0).__name__}")
+        if tuple(z0.shape) != shape:
+            raise PyinvError(f"latents must have shape {shape} for model {m.name!r}, got {tuple(z0.shape)}")
+        if not bool(torch.isfinite(z0).all()):
+            raise PyinvError("latents hold non-finite values (NaN or infinity)")
+        return z0
 
     def _invert(self, latents, source_prompt, method, steps, guidance, schedule, seed, options) -> Inversion:
         """Check the arguments, then get ``z0 = latents()`` and invert it."""
@@ -305,7 +319,8 @@ class Editor:
     ):
         """:meth:`edit` without decoding: the target latents ``(T, C, h, w)`` and the UNet
         counts as an ``EditOutput`` (the benchmark times the edit and the decode apart)."""
-        return self._edit_latents(inversion, _targets(target), guidance, control, False, seed, **options)
+        inv = self.load_inversion(inversion) if not isinstance(inversion, Inversion) else inversion
+        return self._edit_latents(inv, _targets(target), guidance, control, False, seed, **options)
 
     def reconstruct(self, inversion: Inversion, guidance: float | None = None, **options: Any) -> EditResult:
         """Run the source branch only: the method's reconstruction of the inverted image.

@@ -422,6 +422,21 @@ def test_api_image_of_a_wrong_kind(editor, source):
         editor.invert(source, SRC, method="ddim", steps=1)
 
 
+@pytest.mark.parametrize(
+    "z0",
+    [
+        torch.zeros(1, 4, 8, 8),
+        torch.zeros(4, 16, 16),
+        torch.full((1, 4, 16, 16), float("nan")),
+        np.zeros((1, 4, 16, 16)),
+    ]
+    + [torch.zeros(1, 4, 16, 16, dtype=torch.int64)],
+)
+def test_api_latents_of_a_wrong_kind(editor, z0):
+    with pytest.raises(PyinvError, match="latents"):
+        editor.invert_latents(z0, SRC, method="ddim", steps=2)
+
+
 # ---------------------------------------------------------------------- the API's method options
 @pytest.mark.parametrize(
     "method, options",
