@@ -8,13 +8,48 @@ Public API::
     out.images[0].save("dog.png")
 """
 
-from .api import Editor, EditResult
-from .control import P2P, Controller, LocalBlend, MasaCtrl, PnP
-from .errors import PyinvError
-from .inversion import METHODS, Inversion
-from .models import DiffusionModel, load_model
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+#: public name → the module that defines it; imported on first use (PEP 562), so that
+#: ``import pyinv.cli`` stays light and the command line handles Ctrl-C while torch loads
+_EXPORTS = {
+    "Editor": ".api",
+    "EditResult": ".api",
+    "P2P": ".control",
+    "Controller": ".control",
+    "LocalBlend": ".control",
+    "MasaCtrl": ".control",
+    "PnP": ".control",
+    "PyinvError": ".errors",
+    "METHODS": ".inversion",
+    "Inversion": ".inversion",
+    "DiffusionModel": ".models",
+    "load_model": ".models",
+}
+
+if TYPE_CHECKING:
+    from .api import Editor, EditResult
+    from .control import P2P, Controller, LocalBlend, MasaCtrl, PnP
+    from .errors import PyinvError
+    from .inversion import METHODS, Inversion
+    from .models import DiffusionModel, load_model
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "METHODS",

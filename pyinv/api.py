@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checks import check_guidance, check_seed, check_text
 from .control.base import Controller
 from .errors import PyinvError
 from .imageio import center_crop_resize, load_image, pil_to_tensor, tensor_to_pil
 from .inversion import Inversion, get_method
 from .models import DiffusionModel, load_model
-from .schedule import SCHEDULE_MODES
+from .schedule import SCHEDULE_MODES, make_schedule
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
@@ -54,31 +55,70 @@ class EditResult:
 
 
 def _check_prompt(prompt: Any, what: str, allow_empty: bool = False) -> str:
-    if not isinstance(prompt, str):
-        raise PyinvError(f"{what} must be a string, got {type(prompt).__name__}")
+    check_text(prompt, what)
     if not prompt.strip() and not allow_empty:
         raise PyinvError(f"{what} is empty")
     return prompt
 
 
+def _prompts(value: Any, what: str = "target prompt") -> list[str]:
+    """One prompt or a sequence of them, as a checked, non-empty list."""
+    if isinstance(value, str):
+        prompts = [value]
+    elif isinstance(value, Sequence):
+        prompts = list(value)
+    else:
+        raise PyinvError(f"{what} must be a string or a list of strings, got {type(value).__name__}")
+    if not prompts:
+        raise PyinvError(f"no {what} given")
+    for k, prompt in enumerate(prompts):
+        _check_prompt(prompt, what if len(prompts) == 1 else f"{what} {k + 1}")
+    return prompts
+
+
 def _targets(target: str | Sequence[str]) -> list[str]:
     """The target prompts as a checked, non-empty list."""
-    targets = [target] if isinstance(target, str) else list(target)
-    if not targets:
-        raise PyinvError("no target prompt given")
-    for k, prompt in enumerate(targets):
-        _check_prompt(prompt, "target prompt" if len(targets) == 1 else f"target prompt {k + 1}")
-    return targets
+    return _prompts(target, "target prompt")
 
 
-def _check_guidance(guidance: float, what: str = "guidance") -> float:
-    try:
-        value = float(guidance)
-    except (TypeError, ValueError):
-        raise PyinvError(f"{what} must be a number, got {guidance!r}") from None
-    if not np.isfinite(value) or value < 0:
-        raise PyinvError(f"{what} must be a non-negative number, got {guidance}")
-    return value
+#: an output whose every pixel lies within this range of one saturated colour (one 8-bit level) is blank
+FLAT = 1.0 / 127.5
+
+
+def _controller(control: Any) -> Controller | None:
+    """``control`` as a controller: a :class:`Controller`, ``None``/``"none"`` (prompt swap),
+    or a name in :data:`pyinv.control.CONTROLS` (that controller with its defaults)."""
+    from .control import CONTROLS
+
+    if isinstance(control, str):
+        name = control.strip().lower()
+        if name == "none":
+            return None
+        if name not in CONTROLS:
+            raise PyinvError(f"unknown control {control!r}; use one of none, {', '.join(CONTROLS)} or a Controller")
+        control = CONTROLS[name]()
+    if control is not None and not isinstance(control, Controller):
+        raise PyinvError(
+            f"control must be a Controller (P2P(...), MasaCtrl(...), PnP(...)), a name "
+            f"(none, {', '.join(CONTROLS)}) or None, got {type(control).__name__}"
+        )
+    return control  # a method that takes none (EDICT) refuses it with its own message
+
+
+def _check_pixels(pixels: torch.Tensor, what: str, guidance: float, blank: bool = True) -> None:
+    """Refuse a decoded output ``(B, 3, H, W)`` in ``[-1, 1]`` that is non-finite or (with
+    ``blank``) blown out to nothing: one flat colour whose every channel is saturated (black,
+    white, pure red, …), what a huge guidance scale gives. An error, never an image file."""
+    hint = f" (guidance {guidance:g}; try a smaller one)"
+    if not torch.isfinite(pixels).all():
+        raise PyinvError(f"{what} produced non-finite values (NaN or infinity){hint}")
+    if not blank:
+        return
+    flat = pixels.flatten(2)
+    spread = (flat.amax(2) - flat.amin(2)).amax(1)
+    saturated = (flat.abs() >= 1.0 - FLAT).flatten(1).all(1)
+    if bool(((spread <= FLAT) & saturated).any()):
+        raise PyinvError(f"{what} produced a blank image (every pixel the same saturated colour){hint}")
 
 
 class Editor:
@@ -115,6 +155,24 @@ class Editor:
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         return tensor_to_pil(self.model.decode(latents))
 
+    def _decode_checked(
+        self, latents: torch.Tensor, what: str, guidance: float, blank: bool = True
+    ) -> list[Image.Image]:
+        """:meth:`decode`, refusing non-finite or blank results (see :func:`_check_pixels`)."""
+        if not torch.isfinite(latents).all():
+            raise PyinvError(f"{what} produced non-finite values (NaN or infinity) (guidance {guidance:g})")
+        pixels = self.model.decode(latents)
+        _check_pixels(pixels, what, guidance, blank)
+        return tensor_to_pil(pixels)
+
+    def check_prompts(self, source_prompt: str | None = None, targets: Sequence[str] = ()) -> None:
+        """Raise a :class:`PyinvError` when a prompt has more tokens than the model reads
+        (it would be cut off silently, and words past the limit could not be edited)."""
+        if source_prompt:
+            self.model.check_prompt_length(source_prompt, "source prompt")
+        for k, prompt in enumerate(targets):
+            self.model.check_prompt_length(prompt, "target prompt" if len(targets) == 1 else f"target prompt {k + 1}")
+
     # ------------------------------------------------------------------ invert
     def invert(
         self,
@@ -149,27 +207,44 @@ class Editor:
     ) -> Inversion:
         """:meth:`invert` from latents ``z0 (1, C, h, w)`` already encoded with :meth:`encode`
         (the benchmark times the stages separately)."""
-        return self._invert(lambda: z0, source_prompt, method, steps, guidance, schedule, seed, options)
+        return self._invert(
+            lambda: self._check_latents(z0), source_prompt, method, steps, guidance, schedule, seed, options
+        )
+
+    def _check_latents(self, z0: Any) -> torch.Tensor:
+        """``z0`` when it is a finite floating tensor ``(1, C, h, w)`` of this model's latent shape."""
+        m = self.model
+        shape = (1, m.latent_channels, m.latent_size, m.latent_size)
+        if not isinstance(z0, torch.Tensor) or not z0.is_floating_point():
+            raise PyinvError(f"latents must be a floating-point tensor {shape}, got {type(z0).__name__}")
+        if tuple(z0.shape) != shape:
+            raise PyinvError(f"latents must have shape {shape} for model {m.name!r}, got {tuple(z0.shape)}")
+        if not bool(torch.isfinite(z0).all()):
+            raise PyinvError("latents hold non-finite values (NaN or infinity)")
+        return z0
 
     def _invert(self, latents, source_prompt, method, steps, guidance, schedule, seed, options) -> Inversion:
         """Check the arguments, then get ``z0 = latents()`` and invert it."""
         algo = get_method(method)
         _check_prompt(source_prompt, "source prompt", allow_empty=not algo.needs_source_prompt)
+        self.check_prompts(source_prompt)
+        seed = None if seed is None else check_seed(seed)
         steps = algo.default_steps if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
             raise PyinvError(f"steps must be a positive integer, got {steps!r}")
         if guidance is None:  # a method may invert at another guidance than it edits with (EF-DDPM)
             guidance = algo.default_inversion_guidance
-        guidance = _check_guidance(algo.default_guidance if guidance is None else guidance)
+        guidance = check_guidance(algo.default_guidance if guidance is None else guidance)
         mode = schedule or algo.default_schedule
         if mode not in SCHEDULE_MODES:
             raise PyinvError(f"unknown schedule {mode!r}; use one of {', '.join(SCHEDULE_MODES)}")
         unknown = set(options) - set(algo.invert_options)
         if unknown:
             raise PyinvError(f"method {algo.name!r} has no inversion option(s) {', '.join(sorted(unknown))}")
-        train = int(self.model.scheduler_config.get("num_train_timesteps", 1000))
-        if steps > train:
-            raise PyinvError(f"steps must be at most {train}, got {steps}")
+        try:  # cheap, and says when the steps do not fit the spacing (1000 steps at offset 1)
+            make_schedule(self.model.scheduler_config, steps, mode)
+        except ValueError as exc:
+            raise PyinvError(str(exc)) from None
         z0 = latents()
         with _seeded(seed, self.model.device):
             return algo.invert(self.model, z0, source_prompt, steps, guidance, mode, self.progress, **options)
@@ -197,13 +272,17 @@ class Editor:
         inv = self.load_inversion(inversion) if not isinstance(inversion, Inversion) else inversion
         started = time.perf_counter()
         out = self._edit_latents(inv, targets, guidance, control, with_source, seed, **options)
-        images = self.decode(out.targets) if len(out.targets) else []
-        source_image = self.decode(out.source)[0] if out.source is not None else None
+        w = get_method(inv.method).default_guidance if guidance is None else float(guidance)  # checked above
+        images = self._decode_checked(out.targets, "the edit", w) if len(out.targets) else []
+        # a reconstruction may be as flat as its image; only a non-finite one is an error
+        source = None
+        if out.source is not None:
+            source = self._decode_checked(out.source, "the reconstruction", w, blank=False)
         return EditResult(
             images=images,
             latents=out.targets,
             prompts=targets,
-            source_image=source_image,
+            source_image=source[0] if source else None,
             source_latents=out.source,
             unet_calls=out.unet_calls,
             unet_image_forwards=out.unet_image_forwards,
@@ -215,7 +294,14 @@ class Editor:
         """The edit's latents (no decode): the method's :class:`~pyinv.inversion.base.EditOutput`."""
         inv.check_model(self.model)
         algo = get_method(inv.method)
-        guidance = _check_guidance(algo.default_guidance if guidance is None else guidance)
+        guidance = check_guidance(algo.default_guidance if guidance is None else guidance)
+        control = _controller(control)
+        negative = getattr(control, "negative_prompt", None)  # PnP's, for the targets' unconditional pass
+        if isinstance(negative, str) and negative:
+            self.model.check_prompt_length(negative, "negative prompt")
+        seed = None if seed is None else check_seed(seed)
+        self.model.check_prompt_length(inv.source_prompt, "the inversion's source prompt")
+        self.check_prompts(None, targets)
         unknown = set(options) - set(algo.edit_options)
         if unknown:
             raise PyinvError(f"method {algo.name!r} has no edit option(s) {', '.join(sorted(unknown))}")
@@ -233,7 +319,8 @@ class Editor:
     ):
         """:meth:`edit` without decoding: the target latents ``(T, C, h, w)`` and the UNet
         counts as an ``EditOutput`` (the benchmark times the edit and the decode apart)."""
-        return self._edit_latents(inversion, _targets(target), guidance, control, False, seed, **options)
+        inv = self.load_inversion(inversion) if not isinstance(inversion, Inversion) else inversion
+        return self._edit_latents(inv, _targets(target), guidance, control, False, seed, **options)
 
     def reconstruct(self, inversion: Inversion, guidance: float | None = None, **options: Any) -> EditResult:
         """Run the source branch only: the method's reconstruction of the inverted image.
@@ -259,17 +346,18 @@ class Editor:
         """
         from .generate import sample
 
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        for k, text in enumerate(prompts):
-            _check_prompt(text, "prompt" if len(prompts) == 1 else f"prompt {k + 1}")
-        seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
+        prompts = _prompts(prompt, "prompt")
+        seeds = list(seed) if isinstance(seed, Sequence) and not isinstance(seed, str) else [seed] * len(prompts)
+        seeds = [check_seed(s, "seed" if len(seeds) == 1 else f"seed {k + 1}") for k, s in enumerate(seeds)]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
             raise PyinvError(f"steps must be a positive integer, got {steps!r}")
         _check_prompt(negative_prompt, "negative prompt", allow_empty=True)
-        latents = sample(
-            self.model, prompts, seeds, steps, _check_guidance(guidance), negative_prompt, progress=self.progress
-        )
-        return self.decode(latents)
+        self.check_prompts(None, prompts)
+        if negative_prompt:
+            self.model.check_prompt_length(negative_prompt, "negative prompt")
+        guidance = check_guidance(guidance)
+        latents = sample(self.model, prompts, seeds, steps, guidance, negative_prompt, progress=self.progress)
+        return self._decode_checked(latents, "sampling", guidance)
 
     # ------------------------------------------------------------------ files
     def load_inversion(self, path: str | os.PathLike) -> Inversion:

@@ -6,7 +6,9 @@ inversion file from another model, an unwritable output, Ctrl-C) ends as exactly
 (arguments, input image, output paths, inversion file) run before the model is loaded, and
 outputs are written atomically: a failed run leaves none of its files behind.
 
-Exit status: 0 success, 1 error, 2 usage error, 130 interrupted.
+Exit status: 0 success, 1 error, 2 usage error, 130 interrupted (Ctrl-C, also while the
+libraries load: they are imported inside :func:`main`), 141 stdout closed early (a pipe
+into ``head``; nothing is printed).
 """
 
 from __future__ import annotations
@@ -14,25 +16,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import platform
+import signal
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
-from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from PIL import Image
-
-from .argtypes import non_negative_float, non_negative_int, positive_int, unit_float
-from .cli_bench import add_benchmark_parser
+from .argtypes import count_arg, guidance_arg, non_negative_int, positive_int, seed_arg, unit_float
+from .checks import check_seed, check_text
 from .cli_control import CONTROL_EPILOG, add_control_args, controller_from_args
-from .cli_eval import add_eval_parser
 from .errors import PyinvError
-from .schedule import SCHEDULE_MODES
+
+if TYPE_CHECKING:  # the heavy libraries load inside main(), where Ctrl-C is handled
+    import torch
+    from PIL import Image
 
 PROG = "pyinv"
 DEFAULT_MODEL = "demo"
@@ -58,6 +57,7 @@ INVERT_ONLY = {
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool stopped by a closed pipe
 
 
 class UsageError(Exception):
@@ -83,11 +83,15 @@ def _add_model_args(p: argparse.ArgumentParser, model_help: str) -> None:
     g.add_argument("--model", metavar="NAME_OR_PATH", help=model_help)
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     g.add_argument("--dtype", help="fp32, fp16 or bf16 (default: fp32)")
-    g.add_argument("--seed", type=int, help="seed for random draws (for reproducible runs)")
+    g.add_argument(
+        "--seed", type=seed_arg, metavar="S", help="seed for random draws, 0 … 2**64-1 (for reproducible runs)"
+    )
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary line")
 
 
 def _add_invert_args(p: argparse.ArgumentParser) -> None:
+    from .schedule import SCHEDULE_MODES
+
     g = p.add_argument_group("inversion")
     g.add_argument(
         "--method",
@@ -139,6 +143,8 @@ EDIT_EPILOG += CONTROL_EPILOG
 def build_parser() -> argparse.ArgumentParser:
     """The ``pyinv`` argument parser with its subcommands."""
     from . import __version__
+    from .cli_bench import add_benchmark_parser
+    from .cli_eval import add_eval_parser
 
     parser = _Parser(
         prog=PROG, description="Invert real images into text-to-image diffusion models and edit them with text."
@@ -166,13 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     edit.add_argument(
         "--guidance",
-        type=non_negative_float,
+        type=guidance_arg,
         metavar="W",
         help="classifier-free guidance scale of the edit (default: the method's)",
     )
     edit.add_argument(
         "--inversion-guidance",
-        type=non_negative_float,
+        type=guidance_arg,
         metavar="W",
         help="guidance the inversion is made for (default: --guidance, or the method's own "
         "inversion guidance where it has one, e.g. edit-friendly's 3.5)",
@@ -199,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--source", metavar="TEXT", help="prompt describing IMAGE")
     inv.add_argument(
         "--guidance",
-        type=non_negative_float,
+        type=guidance_arg,
         metavar="W",
         help="guidance the inversion is made for (default: the method's)",
     )
@@ -221,11 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", metavar="PATH", required=True, help="output image (numbered with --count > 1)")
     gen.add_argument("--steps", type=positive_int, default=50, metavar="N", help="sampling steps (default 50)")
     gen.add_argument(
-        "--guidance", type=non_negative_float, default=7.5, metavar="W", help="classifier-free guidance (default 7.5)"
+        "--guidance", type=guidance_arg, default=7.5, metavar="W", help="classifier-free guidance (default 7.5)"
     )
     gen.add_argument("--negative-prompt", metavar="TEXT", default="", help="unconditional prompt (default empty)")
     gen.add_argument(
-        "--count", type=positive_int, default=1, metavar="N", help="images to sample, with seeds SEED … SEED+N−1"
+        "--count",
+        type=count_arg,
+        default=1,
+        metavar="N",
+        help="images to sample (at most 100, one batch), with seeds SEED … SEED+N−1",
     )
     _add_model_args(gen, f"model preset, diffusers folder or hub id (default: {DEFAULT_MODEL})")
     gen.set_defaults(func=cmd_generate)
@@ -244,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------- validation helpers
 def _prompt(text: str | None, flag: str) -> str | None:
-    """``text`` unchanged, or a clear error when it was given but is blank."""
+    """``text`` unchanged, or a clear error when it was given but is blank or not valid text."""
+    if text is not None:
+        check_text(text, flag)
     if text is not None and not text.strip():
         raise PyinvError(f"{flag} is empty")
     return text
@@ -293,17 +305,11 @@ def _inversion_guidance(args: argparse.Namespace, algo) -> float | None:
     return args.guidance
 
 
-def _read_image(path: str) -> Image.Image:
+def _read_image(path: str):
     """The input image as RGB, or one clear error (read before any model is loaded)."""
-    from .imageio import MAX_PIXELS, load_image
+    from .imageio import load_image
 
-    try:
-        with warnings.catch_warnings():
-            # pyinv has its own size limit; Pillow's bomb warning would only add noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return load_image(path)
-    except Image.DecompressionBombError:
-        raise PyinvError(f"image is too large (over {MAX_PIXELS // 1_000_000} megapixels): {path}") from None
+    return load_image(path)
 
 
 def _load_inversion(path: str):
@@ -356,36 +362,42 @@ def _runtime(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     return parse_device(args.device), parse_dtype(args.dtype)
 
 
-@contextlib.contextmanager
-def _quiet_libraries() -> Iterator[None]:
-    """Silence the libraries' own log messages and warnings (the command reports for itself)."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+def _quiet_libraries():
+    """Silence the libraries' log messages and warnings for a block (see :func:`pyinv.models.quiet_libraries`)."""
+    from .models import quiet_libraries
 
-    hub_logger = logging.getLogger("huggingface_hub")
-    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity(), hub_logger.level
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
-    hub_logger.setLevel(logging.ERROR)  # e.g. its retry notices while the hub is unreachable
-    bars = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # its "Loading weights" bar
+    return quiet_libraries()
+
+
+@contextlib.contextmanager
+def _interrupt_exits() -> Iterator[None]:
+    """While the libraries are imported and the model loads, Ctrl-C ends the process at once
+    with the one ``interrupted`` line and status 130. A KeyboardInterrupt raised inside
+    import code can be swallowed (numpy's C initialisation turns it into an ImportError that
+    torch tolerates) or leave a half-imported module behind; nothing is written yet to clean up."""
+
+    def stop(signum, frame):
+        _fail("interrupted", EXIT_INTERRUPTED)
+        with contextlib.suppress(OSError):
+            sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
+        previous = signal.signal(signal.SIGINT, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
     finally:
-        if bars:
-            transformers_logging.enable_progress_bar()
-        diffusers_logging.set_verbosity(levels[0])
-        transformers_logging.set_verbosity(levels[1])
-        hub_logger.setLevel(levels[2])
+        signal.signal(signal.SIGINT, previous)
 
 
 def load_editor(model: str, device: torch.device, dtype: torch.dtype, progress: bool):
     """Load the model (the one expensive setup step), without library chatter on stderr."""
-    from .api import Editor
+    with _interrupt_exits():
+        from .api import Editor
 
-    with _quiet_libraries():
         return Editor.from_pretrained(model, device=device, dtype=dtype, progress=progress)
 
 
@@ -500,6 +512,7 @@ def _edit_image(args: argparse.Namespace, targets: list[str]) -> int:
     _distinct(outputs + ([saved] if saved else []))
     image = _read_image(args.image)
     editor = load_editor(args.model or DEFAULT_MODEL, device, dtype, progress=not args.quiet)
+    editor.check_prompts(source, targets)  # before the controller looks words up in them
     if control is not None:
         control.check_prompts(editor.model, source or "", targets, args.steps or algo.default_steps)
     before = editor.model.unet_image_forwards
@@ -567,7 +580,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = _prompt(args.prompt, "PROMPT")
     device, dtype = _runtime(args)
     outputs = _image_outputs(args.out, args.count)
-    seed = 0 if args.seed is None else args.seed
+    seed = check_seed(0 if args.seed is None else args.seed, "--seed", count=args.count)
     editor = load_editor(args.model or DEFAULT_MODEL, device, dtype, progress=not args.quiet)
     before = editor.model.unet_image_forwards
     seeds = list(range(seed, seed + args.count))
@@ -610,6 +623,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _version(package: str) -> str:
+    from importlib import metadata
+
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -618,6 +633,8 @@ def _version(package: str) -> str:
 
 def environment() -> dict[str, Any]:
     """Versions and hardware, as ``pyinv info`` reports them."""
+    import torch
+
     from . import __version__
 
     cuda = torch.cuda.is_available()
@@ -662,7 +679,8 @@ def _one_line(message: str) -> str:
 
 
 def _fail(message: str, status: int) -> int:
-    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+    with contextlib.suppress(OSError):  # stderr may be a closed pipe as well
+        print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
     return status
 
 
@@ -682,15 +700,35 @@ def _exit_status(code: Any) -> int:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; errors propagate (see :func:`main`)."""
-    args = build_parser().parse_args(argv)
+    with _interrupt_exits():  # building the parser imports torch and the benchmarks
+        parser = build_parser()
+    args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)
+
+
+def _closed_pipe() -> int:
+    """stdout's reader went away (``pyinv info --json | head -1``): stop quietly, as Unix
+    tools do, and keep Python from complaining again when it flushes stdout at exit."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_CLOSED_PIPE
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``pyinv`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     try:
-        return run(argv)
+        status = run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+        return status
+    except BrokenPipeError:
+        return _closed_pipe()
     except SystemExit as exc:  # --help / --version
         return _exit_status(exc.code)
     except UsageError as exc:
@@ -699,10 +737,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_ERROR)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
-    except torch.cuda.OutOfMemoryError:
-        return _fail("out of GPU memory; try --dtype fp16, fewer --target prompts or a smaller model", EXIT_ERROR)
     except OSError as exc:
         return _fail(_os_error(exc), EXIT_ERROR)
+    except Exception as exc:
+        if _out_of_memory(exc):
+            return _fail("out of GPU memory; try --dtype fp16, fewer --target prompts or a smaller model", EXIT_ERROR)
+        raise
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import asdict
 
-from .argtypes import positive_int
+from .argtypes import int_in, positive_int
 from .bench.speed import BACKENDS, CONTROLS, DTYPE_NAMES
 
 BENCH_EPILOG = """\
@@ -45,10 +45,14 @@ def add_benchmark_parser(sub) -> None:
     p.add_argument(
         "--dtype", action="append", choices=DTYPE_NAMES, help="dtype (repeatable; default fp32 on cpu, fp16 on cuda)"
     )
-    p.add_argument("--resolution", type=positive_int, metavar="PX", help="image side (default: the model's)")
+    p.add_argument(
+        "--resolution", type=int_in(8, 4096), metavar="PX", help="image side, 8 … 4096 (default: the model's)"
+    )
     p.add_argument("--steps", type=positive_int, metavar="N", help="inference steps (default: each method's)")
-    p.add_argument("--warmup", type=int, default=None, metavar="N", help="untimed runs per configuration (default 1)")
-    p.add_argument("--repeats", type=positive_int, default=None, metavar="N", help="timed runs (default 3)")
+    p.add_argument(
+        "--warmup", type=int_in(0, 100), default=None, metavar="N", help="untimed runs per configuration (default 1)"
+    )
+    p.add_argument("--repeats", type=int_in(1, 100), default=None, metavar="N", help="timed runs (default 3)")
     p.add_argument("--no-baseline", action="store_true", help="skip the NTI + P2P baseline (no speedup column)")
     p.add_argument(
         "--quick", action="store_true", help="a small run: direct and ddim with P2P + the baseline, 1 + 2 runs"

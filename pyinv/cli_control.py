@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Any
 
 from .argtypes import non_negative_int, unit_float
@@ -114,9 +115,12 @@ def _reweight(items: list[str]) -> dict[str, float]:
         if not sep or not word.strip():
             raise PyinvError(f"--reweight takes WORD=SCALE, got {item!r}")
         try:
-            out[word.strip()] = float(value)
+            scale = float(value)
         except ValueError:
             raise PyinvError(f"--reweight {item!r}: the scale must be a number") from None
+        if not math.isfinite(scale):
+            raise PyinvError(f"--reweight {item!r}: the scale must be a finite number")
+        out[word.strip()] = scale
     return out
 
 

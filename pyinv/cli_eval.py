@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import asdict
 
-from .argtypes import positive_int
+from .argtypes import int_in, positive_int
 from .bench.pie_metrics import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_LPIPS, LPIPS_NETS, OFF
 from .bench.shapes_bench import CONTROLS, EDIT_KINDS
 
@@ -38,7 +38,9 @@ def add_eval_parser(sub, add_model_args) -> None:
     )
     sh.add_argument("--method", action="append", metavar="NAME", help="inversion method (repeatable)")
     sh.add_argument("--control", action="append", choices=CONTROLS, help="attention control (repeatable)")
-    sh.add_argument("--count", type=positive_int, default=10, metavar="N", help="cases per edit kind (default 10)")
+    sh.add_argument(
+        "--count", type=int_in(1, 1000), default=10, metavar="N", help="cases per edit kind, at most 1000 (default 10)"
+    )
     sh.add_argument("--kind", action="append", choices=EDIT_KINDS, help="edit kinds to run (default: all)")
     sh.add_argument("--steps", type=positive_int, metavar="N", help="inference steps (default: each method's)")
     sh.add_argument("--json", metavar="PATH", help="write settings, environment, summary and per-edit scores")

@@ -1,9 +1,14 @@
 """Reading images robustly, preparing them for a model, and writing outputs atomically.
 
-Every reading problem (missing, empty, truncated, not an image, too small, too large)
-becomes a :class:`~pyinv.errors.PyinvError` with one clear line. Any mode Pillow opens is
-converted to 8-bit RGB: greyscale, palette, alpha (composited on white), 16-bit and 32-bit
-integer (rescaled, not clipped), float, CMYK.
+Every reading problem (missing, empty, truncated, not an image, too small, too large,
+non-finite pixels) becomes a :class:`~pyinv.errors.PyinvError` with one clear line. The
+EXIF orientation is applied (a phone photo is edited upright). Any mode Pillow opens is
+converted to 8-bit RGB: greyscale, palette, alpha (composited on white), 16-bit integer
+(÷ 65535), 32-bit integer (÷ 255 or ÷ 65535 when it fits, else scaled by the data's range),
+float (scaled by the data's range), CMYK.
+
+Outputs are written atomically; an output that cannot be written (a missing or read-only
+folder, a name the file system refuses) fails before any work with the user's path named.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import PyinvError
 
@@ -24,19 +29,21 @@ MIN_SIDE = 8
 MAX_PIXELS = 100_000_000
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _to_rgb(img: Image.Image, label: str = "image") -> Image.Image:
     """8-bit RGB from any Pillow mode (alpha composited on white)."""
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        if mode == "F":
-            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-            scale = 255.0 / (hi - lo) if hi > lo else 0.0
-            arr = (arr - lo) * scale
-        else:
-            maxval = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-            arr = arr * (255.0 / maxval)
-        grey = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+        if not np.isfinite(arr).all():
+            raise PyinvError(f"image has non-finite pixel values (NaN or infinity): {label}")
+        lo, hi = float(arr.min()), float(arr.max())
+        if mode.startswith("I;16"):
+            lo, hi = 0.0, 65535.0
+        elif mode == "I" and lo >= 0 and hi <= 65535:
+            lo, hi = 0.0, (255.0 if hi <= 255 else 65535.0)
+        # else float, or 32-bit integers past 16 bits: the data's own range
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        grey = Image.fromarray(np.clip(np.rint((arr - lo) * scale), 0, 255).astype(np.uint8), mode="L")
         return grey.convert("RGB")
     if mode == "P":
         img = img.convert("RGBA")
@@ -53,40 +60,75 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
     """Open ``source`` (path, PIL image or HWC uint8 array) as an 8-bit RGB PIL image."""
     if isinstance(source, Image.Image):
-        img = source
-    elif isinstance(source, np.ndarray):
+        return _finish(source, getattr(source, "filename", "") or "image")
+    if isinstance(source, np.ndarray):
         arr = source
-        if arr.dtype != np.uint8:
-            raise PyinvError(f"numpy images must be uint8 HxWx3, got {arr.dtype}")
-        img = Image.fromarray(arr)
-    else:
-        path = os.fspath(source)
-        if not os.path.exists(path):
-            raise PyinvError(f"image not found: {path}")
-        if os.path.isdir(path):
-            raise PyinvError(f"expected an image file, got a folder: {path}")
-        if os.path.getsize(path) == 0:
-            raise PyinvError(f"image file is empty: {path}")
+        if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
+            raise PyinvError(f"numpy images must be uint8 HxW or HxWx3 (or x4), got {arr.dtype} {arr.shape}")
+        return _finish(Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr), "image")
+    if not isinstance(source, str | os.PathLike):
+        raise PyinvError(f"image must be a path, a PIL image or a numpy array, got {type(source).__name__}")
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        raise PyinvError(f"image not found: {path}")
+    if os.path.isdir(path):
+        raise PyinvError(f"expected an image file, got a folder: {path}")
+    if os.path.getsize(path) == 0:
+        raise PyinvError(f"image file is empty: {path}")
+    with warnings.catch_warnings():
+        # Pillow's notes on odd files ("Tag data larger than file", its bomb warning: pyinv
+        # applies its own MAX_PIXELS) would only be noise on stderr; _open reports errors
+        warnings.simplefilter("ignore")
+        img = _open(path)
         try:
-            with warnings.catch_warnings():
-                # pyinv applies its own size limit (MAX_PIXELS) right after opening
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(path)
-        except Image.DecompressionBombError:
-            raise PyinvError(f"image is too large (over {MAX_PIXELS // 1_000_000} megapixels): {path}") from None
-        except UnidentifiedImageError:
-            raise PyinvError(f"not an image file (or an unsupported format): {path}") from None
-        except OSError as exc:
-            raise PyinvError(f"cannot read image {path}: {exc}") from None
+            out = _finish(img, path)
+            return out.copy() if out is img else out
+        finally:
+            img.close()  # multi-frame formats keep the file open otherwise
+
+
+def _finish(img: Image.Image, label: str) -> Image.Image:
+    """``img`` checked for size, turned upright and converted to 8-bit RGB."""
+    _check_size(img, label)
+    upright = _upright(img, label)
+    try:
+        return _to_rgb(upright, label)
+    except (ValueError, OSError, TypeError) as exc:
+        raise PyinvError(f"cannot convert image mode {img.mode} to RGB: {label} ({exc})") from None
+
+
+def _upright(img: Image.Image, label: str) -> Image.Image:
+    """``img`` turned as its EXIF orientation tag says (phone photos are stored sideways)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's notes about odd EXIF data
+            return ImageOps.exif_transpose(img)
+    except Exception as exc:  # noqa: BLE001 - malformed EXIF data fails in many ways
+        raise PyinvError(f"image has damaged EXIF data: {label} ({exc})") from None
+
+
+def _open(path: str) -> Image.Image:
+    """Open and decode ``path`` with Pillow; every failure is one clear error, and the file
+    is closed. Pillow's decoders raise many kinds of exception on malformed data (OSError,
+    ValueError, SyntaxError, struct.error, EOFError, …), so any exception is a damaged file."""
+    try:
+        img = Image.open(path)
+    except Image.DecompressionBombError:
+        raise PyinvError(f"image is too large (over {MAX_PIXELS // 1_000_000} megapixels): {path}") from None
+    except UnidentifiedImageError:
+        raise PyinvError(f"not an image file (or an unsupported format): {path}") from None
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        raise PyinvError(f"cannot read image {path}: {exc}") from None
+    try:
         _check_size(img, path)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img.load()
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise PyinvError(f"image file is damaged or truncated: {path} ({exc})") from None
-    _check_size(img, getattr(img, "filename", "") or "image")
-    return _to_rgb(img)
+        img.load()
+    except PyinvError:
+        img.close()
+        raise
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        img.close()
+        raise PyinvError(f"image file is damaged or truncated: {path} ({exc})") from None
+    return img
 
 
 def _check_size(img: Image.Image, label: str) -> None:
@@ -122,37 +164,63 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def check_writable(path: str | os.PathLike) -> str:
-    """Fail early, before any work, if ``path`` cannot be written; returns it as a string."""
+    """Fail early, before any work, if ``path`` cannot be written; returns it as a string.
+
+    Beyond permissions, a probe file is created (and removed) in the folder, so special
+    file systems (``/proc``), read-only mounts and full disks are caught, and the name's
+    length is checked against the file system's limit.
+    """
     path = os.fspath(path)
     if not path:
         raise PyinvError("empty output path")
+    if "\0" in path:
+        raise PyinvError(f"output path contains a NUL character: {path!r}")
     if os.path.isdir(path):
         raise PyinvError(f"output path is a folder: {path}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise PyinvError(f"output folder does not exist: {folder}")
-    if not os.access(folder, os.W_OK):
-        raise PyinvError(f"output folder is not writable: {folder}")
+        raise PyinvError(f"output folder does not exist: {folder} (for {path})")
+    name = os.path.basename(path)
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if len(os.fsencode(name)) > limit:
+        raise PyinvError(f"output file name is too long ({len(os.fsencode(name))} bytes, at most {limit}): {path}")
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise PyinvError(f"output file is not writable: {path}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".pyinv-", dir=folder)
+    except OSError as exc:
+        raise PyinvError(f"cannot write {path}: output folder is not writable ({exc.strerror or exc})") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.remove(probe)
     return path
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename,
-    on failure it is removed, so ``path`` is never left half-written."""
+    on failure it is removed, so ``path`` is never left half-written. A failure to write is
+    a :class:`PyinvError` that names ``path`` (not the temporary file)."""
     path = check_writable(path)
     folder = os.path.dirname(os.path.abspath(path))
     suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=".pyinv-", suffix=suffix, dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".pyinv-", suffix=suffix, dir=folder)
+    except OSError as exc:
+        raise PyinvError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(fd)
     try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
-        os.replace(tmp, path)
+        try:
+            yield tmp
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise PyinvError(f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)

@@ -8,15 +8,20 @@ own dtype at each call and returns :attr:`DiffusionModel.latent_dtype`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Sequence
+import re
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .checks import check_text
 from .errors import PyinvError
 from .presets import PRESETS
 
@@ -46,16 +51,55 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         raise PyinvError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16") from None
 
 
+_DEVICE = re.compile(r"(cpu|cuda)(?::(\d+))?")
+
+
 def parse_device(device: str | torch.device | None) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` (N an existing GPU); ``None``/``auto``: CUDA when usable."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise PyinvError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    text = str(device).strip().lower()
+    match = _DEVICE.fullmatch(text)
+    if not isinstance(device, str | torch.device) or match is None:
+        raise PyinvError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+    kind, index = match.groups()
+    if kind == "cpu":
+        if index not in (None, "0"):
+            raise PyinvError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise PyinvError(f"device {device!r} was asked for but this torch has no usable CUDA")
-    return dev
+    count = torch.cuda.device_count()
+    if index is not None and int(index) >= count:
+        raise PyinvError(f"device {device!r} does not exist: this machine has {count} CUDA device(s)")
+    return torch.device(text)
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence the libraries' own log messages, progress bars and warnings for the block
+    (e.g. diffusers' "accelerate was not found" notice and transformers' "Loading weights" bar
+    while a model loads): pyinv reports for itself."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    hub_logger = logging.getLogger("huggingface_hub")
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity(), hub_logger.level
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    hub_logger.setLevel(logging.ERROR)  # e.g. its retry notices while the hub is unreachable
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
+        hub_logger.setLevel(levels[2])
 
 
 @dataclass
@@ -130,7 +174,19 @@ class DiffusionModel:
 
     def token_count(self, prompt: str) -> int:
         """Number of tokens of ``prompt`` without the start/end tokens."""
-        return len(self.tokenizer(prompt).input_ids) - 2
+        return len(self.tokenizer(prompt, verbose=False).input_ids) - 2
+
+    def check_prompt_length(self, prompt: str, what: str = "prompt") -> str:
+        """``prompt``, or a :class:`PyinvError` when it has more tokens than the text encoder
+        reads (the rest would be cut off, and words there could not be edited)."""
+        room = self.max_tokens - 2  # the start and end tokens
+        count = self.token_count(check_text(prompt, what))
+        if count > room:
+            raise PyinvError(
+                f"{what} is {count} tokens long but model {self.name!r} reads at most {room}; "
+                "shorten it (the rest would be cut off)"
+            )
+        return prompt
 
     # ------------------------------------------------------------------ images
     @torch.no_grad()
@@ -250,8 +306,9 @@ def fingerprints_match(a: dict[str, Any], b: dict[str, Any]) -> bool:
     if a.get("config_sha256") != b.get("config_sha256"):
         return False
     wa, wb = a.get("weight_sample") or [], b.get("weight_sample") or []
-    if len(wa) != len(wb):
-        return False
+    numbers = (int, float)
+    if not isinstance(wa, list) or len(wa) != len(wb) or not all(isinstance(v, numbers) for v in wa):
+        return False  # also a tampered file's sample that is not a list of numbers
     return bool(torch.allclose(torch.tensor(wa), torch.tensor(wb), rtol=1e-2, atol=1e-3))
 
 
@@ -268,31 +325,27 @@ def load_model(
     if not name_or_path or not str(name_or_path).strip():
         raise PyinvError("empty model name")
     name = str(name_or_path)
-    if name in PRESETS:
-        parts = PRESETS[name]()
-    else:
-        parts = _load_diffusers(name)
-    unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
-    from diffusers.utils import logging as diffusers_logging
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
+    with quiet_libraries():
+        parts = PRESETS[name]() if name in PRESETS else _load_diffusers(name)
+        unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
         for module in (unet, vae, text_encoder):
             if module is not None:
                 # fp64 (numerics checks) keeps the text encoder in fp32: some transformers
                 # releases cannot build CLIP's attention mask in fp64; embeddings are upcast.
                 module_dtype = torch.float32 if (module is text_encoder and dt == torch.float64) else dt
                 module.to(device=dev, dtype=module_dtype).eval().requires_grad_(False)
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
+    tokenizer = parts["tokenizer"]
+    # pyinv checks prompt lengths itself (check_prompt_length); the tokenizer's own
+    # "sequence length is longer than …" log line would only repeat it, unasked
+    with contextlib.suppress(AttributeError, TypeError):
+        tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     size = image_size or parts.get("image_size") or _default_image_size(unet, vae)
     return DiffusionModel(
         name=name,
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=parts["tokenizer"],
+        tokenizer=tokenizer,
         scheduler_config=dict(parts["scheduler_config"]),
         device=dev,
         dtype=dt,

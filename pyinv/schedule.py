@@ -131,6 +131,11 @@ def make_schedule(
         raise ValueError(f"at most {train_steps} steps are possible, got {num_steps}")
     scheduler = DDIMScheduler.from_config(config)
     scheduler.set_timesteps(num_steps)
+    if int(scheduler.timesteps.max()) >= train_steps:  # e.g. 1000 steps shifted by steps_offset 1
+        raise ValueError(
+            f"{num_steps} steps do not fit the {mode} spacing (its first timestep would be "
+            f"{int(scheduler.timesteps.max())}, past the model's {train_steps - 1}); use fewer steps"
+        )
     alphas = scheduler.alphas_cumprod.to(torch.float64)
     final = float(scheduler.final_alpha_cumprod)
     prediction = scheduler.config.prediction_type

@@ -16,7 +16,7 @@ import torch
 from ..loop import EditProgram
 from ..schedule import make_schedule
 from .base import Method, counters, ddim_invert, embed, schedule_of
-from .optimise import optimise_embeddings
+from .optimise import check_options, optimise_embeddings
 from .record import Inversion
 
 
@@ -39,6 +39,7 @@ class NullTextInversion(Method):
         epsilon: float = 1e-5,
         **options,
     ):
+        inner_steps, epsilon = check_options(inner_steps, epsilon)
         started, calls = time.perf_counter(), counters(model)
         schedule = make_schedule(model.scheduler_config, steps, schedule_mode)
         cond = embed(model, [source_prompt])

@@ -23,9 +23,22 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import PyinvError
 from ..schedule import Schedule, ddim_step, guided
 
 Slot = Literal["uncond", "cond"]
+
+#: most optimisation steps per timestep (the references use 10)
+MAX_INNER_STEPS = 1000
+
+
+def check_options(inner_steps: object, epsilon: object) -> tuple[int, float]:
+    """``inner_steps`` an integer in [1, MAX_INNER_STEPS], ``epsilon`` a finite number ≥ 0."""
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or not 1 <= inner_steps <= MAX_INNER_STEPS:
+        raise PyinvError(f"inner_steps must be an integer in [1, {MAX_INNER_STEPS}], got {inner_steps!r}")
+    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not 0 <= epsilon < float("inf"):
+        raise PyinvError(f"epsilon must be a finite number ≥ 0, got {epsilon!r}")
+    return inner_steps, float(epsilon)
 
 
 def optimise_embeddings(

@@ -19,7 +19,7 @@ from ..errors import PyinvError
 from ..loop import EditProgram
 from ..schedule import make_schedule
 from .base import Method, counters, ddim_invert, embed, schedule_of
-from .optimise import optimise_embeddings
+from .optimise import check_options, optimise_embeddings
 from .record import Inversion
 
 
@@ -45,7 +45,10 @@ class PromptTuningInversion(Method):
         init_prompt: str | None = None,
         **options,
     ):
+        inner_steps, epsilon = check_options(inner_steps, epsilon)
         init_text = source_prompt or init_prompt
+        if init_text is not None:
+            model.check_prompt_length(init_text, "init_prompt")
         if not init_text:
             raise PyinvError("prompt-tuning inversion needs a source prompt or an init prompt (the target prompt)")
         started, calls = time.perf_counter(), counters(model)
@@ -90,7 +93,7 @@ class PromptTuningInversion(Method):
         eta: float = 0.8,
         **options,
     ):
-        if not 0.0 <= eta <= 1.0:
+        if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0.0 <= eta <= 1.0:
             raise PyinvError(f"prompt-tuning eta must be in [0, 1], got {eta}")
         schedule = schedule_of(model, inv)
         B = len(targets) + int(with_source)

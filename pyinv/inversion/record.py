@@ -20,6 +20,32 @@ from ..errors import PyinvError
 FORMAT_NAME = "pyinv.inversion"
 FORMAT_VERSION = 1
 
+#: the shape of each tensor an inversion may hold: N steps, latents (C, h, w), embeddings (L, D)
+TENSOR_SHAPES: dict[str, tuple[str | int, ...]] = {
+    "z0": (1, "C", "h", "w"),
+    "trajectory": ("N+1", "C", "h", "w"),
+    "xts": ("N+1", "C", "h", "w"),
+    "offsets": ("N", "C", "h", "w"),
+    "noise_maps": ("N", "C", "h", "w"),
+    "null_embeddings": ("N", "L", "D"),
+    "cond_embeddings": ("N", "L", "D"),
+    "edict_x": (1, "C", "h", "w"),
+    "edict_y": (1, "C", "h", "w"),
+}
+
+
+def _size(dim: str | int, sizes: dict[str, int]) -> int:
+    if isinstance(dim, int):
+        return dim
+    return sizes["N"] + 1 if dim == "N+1" else sizes.get(dim, -1)  # -1: no tensor gave it, so none fits
+
+
+def _typed(value: Any, kind: type | tuple[type, ...], name: str, path: str) -> Any:
+    """``value`` when it has JSON type ``kind`` (never a bool for a number), else a clear error."""
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise PyinvError(f"inversion file has a bad {name} in its metadata ({str(value)[:40]!r}): {path}")
+    return value
+
 
 @dataclass
 class Inversion:
@@ -96,6 +122,8 @@ class Inversion:
         """Read an inversion file; with ``model``, refuse one made with another model."""
         from safetensors import SafetensorError, safe_open
 
+        if not isinstance(path, str | os.PathLike):
+            raise PyinvError(f"an inversion is an Inversion or the path of its file, got {type(path).__name__}")
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise PyinvError(f"inversion file not found: {path}")
@@ -111,7 +139,7 @@ class Inversion:
             meta = json.loads(raw)
         except json.JSONDecodeError:
             raise PyinvError(f"inversion file has damaged metadata: {path}") from None
-        if meta.get("format") != FORMAT_NAME:
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
             raise PyinvError(f"not a pyinv inversion file: {path}")
         try:
             version = int(meta.get("format_version", 0))
@@ -124,34 +152,91 @@ class Inversion:
             )
         try:
             inv = cls(
-                method=str(meta["method"]),
-                model=dict(meta["model"]),
-                source_prompt=str(meta["source_prompt"]),
-                num_steps=int(meta["num_steps"]),
-                guidance=float(meta["guidance"]),
-                schedule=dict(meta["schedule"]),
-                image_size=int(meta["image_size"]),
+                method=_typed(meta["method"], str, "method", path),
+                model=_typed(meta["model"], dict, "model", path),
+                source_prompt=_typed(meta["source_prompt"], str, "source_prompt", path),
+                num_steps=_typed(meta["num_steps"], int, "num_steps", path),
+                guidance=float(_typed(meta["guidance"], (int, float), "guidance", path)),
+                schedule=_typed(meta["schedule"], dict, "schedule", path),
+                image_size=_typed(meta["image_size"], int, "image_size", path),
                 tensors={k: v.to(device) for k, v in tensors.items()},
-                options=dict(meta.get("options", {})),
-                stats=dict(meta.get("stats", {})),
+                options=_typed(meta.get("options", {}), dict, "options", path),
+                stats=_typed(meta.get("stats", {}), dict, "stats", path),
                 format_version=version,
             )
-            _ = inv.schedule["timesteps"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PyinvError(f"inversion file has incomplete metadata ({exc}): {path}") from None
+        except KeyError as exc:
+            raise PyinvError(f"inversion file has incomplete metadata (no {exc}): {path}") from None
         inv.check_tensors(path)
         if model is not None:
             inv.check_model(model)
         return inv
 
     def check_tensors(self, label: str = "inversion") -> None:
-        """Raise a clear error when a tensor the method needs for editing is missing."""
+        """Raise a clear error unless the metadata and tensors are consistent and usable: a
+        known method and its options, ``1 ≤ num_steps ≤`` the schedule's training steps with
+        that many timesteps, finite guidance, and every tensor the method needs, with the
+        shape :data:`TENSOR_SHAPES` gives, a floating dtype and only finite values."""
+        from ..checks import check_guidance
         from . import get_method
 
-        needed = ("z0", *get_method(self.method).required_tensors(self))
+        try:
+            algo = get_method(self.method)
+        except PyinvError as exc:
+            raise PyinvError(f"{label}: {exc}") from None
+        unknown = sorted(set(self.options) - set(algo.invert_options))
+        if unknown:
+            raise PyinvError(f"{label}: method {self.method!r} has no option(s) {', '.join(unknown)}")
+        try:
+            check_guidance(self.guidance, "guidance")
+        except PyinvError as exc:
+            raise PyinvError(f"{label}: {exc}") from None
+        if self.image_size <= 0:
+            raise PyinvError(f"{label}: image_size must be positive, got {self.image_size}")
+        self._check_schedule(label)
+        needed = ("z0", *algo.required_tensors(self))
         missing = [name for name in needed if name not in self.tensors]
         if missing:
             raise PyinvError(f"{label} lacks the tensor(s) {', '.join(missing)} that {self.method!r} edits need")
+        z0 = self.tensors["z0"]
+        if z0.dim() != 4 or z0.shape[0] != 1 or z0.shape[2] != z0.shape[3]:
+            raise PyinvError(f"{label}: tensor z0 has shape {tuple(z0.shape)}, not (1, C, h, h)")
+        _, c, h, w = z0.shape
+        sizes = {"N": self.num_steps, "C": c, "h": h, "w": w}
+        for name in ("null_embeddings", "cond_embeddings"):
+            if name in self.tensors and self.tensors[name].dim() == 3:
+                sizes.setdefault("L", self.tensors[name].shape[1])
+                sizes.setdefault("D", self.tensors[name].shape[2])
+        for name, tensor in self.tensors.items():
+            if name not in TENSOR_SHAPES:
+                raise PyinvError(f"{label} holds an unknown tensor {name!r}")
+            expected = tuple(_size(d, sizes) for d in TENSOR_SHAPES[name])
+            if tuple(tensor.shape) != expected:
+                raise PyinvError(
+                    f"{label}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected} "
+                    f"for {self.num_steps} steps"
+                )
+            if not tensor.is_floating_point():
+                raise PyinvError(f"{label}: tensor {name} has dtype {tensor.dtype}, not a floating-point type")
+            if not bool(torch.isfinite(tensor).all()):
+                raise PyinvError(f"{label}: tensor {name} holds non-finite values (NaN or infinity)")
+
+    def _check_schedule(self, label: str) -> None:
+        from ..schedule import SCHEDULE_MODES
+
+        mode = self.schedule.get("mode", "reference")
+        if not isinstance(mode, str) or mode not in SCHEDULE_MODES:
+            raise PyinvError(f"{label}: unknown schedule spacing {str(mode)[:40]!r}")
+        config = self.schedule.get("config")
+        train = config.get("num_train_timesteps", 1000) if isinstance(config, dict) else 1000
+        timesteps = self.schedule.get("timesteps")
+        if not isinstance(train, int) or not 1 <= self.num_steps <= train:
+            raise PyinvError(f"{label}: num_steps must be in [1, {train}], got {self.num_steps}")
+        if (
+            not isinstance(timesteps, list)
+            or len(timesteps) != self.num_steps
+            or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < train for t in timesteps)
+        ):
+            raise PyinvError(f"{label}: its schedule does not hold {self.num_steps} timesteps in [0, {train})")
 
     def check_model(self, model) -> None:
         """Raise a clear error when this inversion was made with another model."""
@@ -162,3 +247,17 @@ class Inversion:
                 f"this inversion was made with model {self.model.get('name')!r}, "
                 f"not with the loaded model {model.name!r}; invert the image again with this model"
             )
+        self.check_tensors()
+        expected = {
+            "image_size": (self.image_size, model.image_size),
+            "latent channels": (self.z0.shape[1], model.latent_channels),
+            "latent size": (self.z0.shape[2], model.latent_size),
+        }
+        for name in ("null_embeddings", "cond_embeddings"):
+            if name in self.tensors:
+                expected[f"{name} length"] = (self.tensors[name].shape[1], model.max_tokens)
+                width = int(model.text_encoder.config.hidden_size)
+                expected[f"{name} width"] = (self.tensors[name].shape[2], width)
+        for what, (have, want) in expected.items():
+            if int(have) != int(want):
+                raise PyinvError(f"this inversion does not fit model {model.name!r}: its {what} is {have}, not {want}")
