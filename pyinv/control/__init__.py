@@ -10,4 +10,7 @@ from .masactrl import MasaCtrl
 from .p2p import P2P, LocalBlend
 from .pnp import PnP
 
-__all__ = ["Controller", "LocalBlend", "MasaCtrl", "NoControl", "P2P", "PnP"]
+#: the controllers by name, as ``Editor.edit(control="p2p")`` accepts them (each with its defaults)
+CONTROLS = {"p2p": P2P, "masactrl": MasaCtrl, "pnp": PnP}
+
+__all__ = ["CONTROLS", "Controller", "LocalBlend", "MasaCtrl", "NoControl", "P2P", "PnP"]

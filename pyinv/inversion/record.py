@@ -1,7 +1,7 @@
 """The :class:`Inversion` value object: what inverting one image produced.
 
 It holds the method, the model's fingerprint, the source prompt, the schedule, and the
-method's tensors (pivot trajectory, per-step embeddings, offsets, noise maps, …). It is
+method's tensors (pivot trajectory, per-step embeddings, noise maps, …). It is
 saved as one safetensors file whose header metadata carries the JSON description, so
 one image can be inverted once and edited many times, in this process or a later one.
 """
@@ -61,8 +61,9 @@ class Inversion:
         image_size: pixel size of the (square) image the model saw.
         tensors: named tensors; every method stores ``z0`` ``(1, C, h, w)``; others by method:
             ``trajectory (N+1, C, h, w)``, ``null_embeddings (N, L, D)``,
-            ``cond_embeddings (N, L, D)``, ``offsets (N, C, h, w)``, ``xts (N+1, C, h, w)``,
-            ``noise_maps (N, C, h, w)``, ``edict_x``/``edict_y (1, C, h, w)``.
+            ``cond_embeddings (N, L, D)``, ``xts (N+1, C, h, w)``,
+            ``noise_maps (N, C, h, w)``, ``edict_x``/``edict_y (1, C, h, w)``; ``offsets (N, C, h, w)``
+            only in Direct Inversion files of older versions (loaded, not used).
         options: method options that editing needs (e.g. Direct Inversion's form).
         stats: what the inversion cost (UNet calls, image-forwards, seconds).
     """
