@@ -253,7 +253,9 @@ def test_dino_hooks_the_last_layers_keys(dino_dir):
     with torch.no_grad():
         hidden = dino.model(pixel_values=x, output_hidden_states=True).hidden_states[-2]
         last = dino.model.encoder.layer[-1] if hasattr(dino.model, "encoder") else dino.model.layers[-1]
-        want = last.attention.k_proj(last.layernorm_before(hidden))
+        # transformers 5: attention.k_proj; 4.x: attention.attention.key
+        key = last.attention.k_proj if hasattr(last.attention, "k_proj") else last.attention.attention.key
+        want = key(last.layernorm_before(hidden))
     assert torch.allclose(keys, want, atol=1e-5)
 
 
