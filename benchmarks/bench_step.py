@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pyinv import ops  # noqa: E402
-from pyinv.bench.report import provenance  # noqa: E402
+from pyinv.provenance import provenance  # noqa: E402
 
 FLAG_SETS = {
     "ddim": {},

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import signal
 import sys
 import time
@@ -622,37 +621,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _version(package: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def environment() -> dict[str, Any]:
-    """Versions and hardware, as ``pyinv info`` reports them."""
-    import torch
-
-    from . import __version__
-
-    cuda = torch.cuda.is_available()
-    return {
-        "pyinv": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": _version("diffusers"),
-        "transformers": _version("transformers"),
-        "torch_cuda": torch.version.cuda,
-        "cuda_available": cuda,
-        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
-    }
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     """``pyinv info``: versions, whether CUDA is usable, and the per-step ops' implementations."""
     from .ops import availability
+    from .provenance import environment
 
     env = environment()
     ops = availability()

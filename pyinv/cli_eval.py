@@ -129,9 +129,10 @@ def _add_pie_parser(benches, add_model_args) -> None:
 
 def cmd_eval_shapes(args: argparse.Namespace) -> int:
     from .bench import shapes_bench as sb
-    from .bench.report import provenance, write_json, write_text
+    from .bench.report import write_json, write_text
     from .cli import DEFAULT_MODEL, _distinct, _runtime, load_editor
     from .imageio import check_writable
+    from .provenance import provenance
 
     started = time.perf_counter()
     configs = sb.matrix(args.method, args.control)
@@ -191,9 +192,10 @@ def cmd_eval_pie_bench(args: argparse.Namespace) -> int:
 
     from .bench import pie_bench as pb
     from .bench.pie_metrics import PieMetrics
-    from .bench.report import provenance, write_json, write_text
+    from .bench.report import write_json, write_text
     from .cli import DEFAULT_MODEL, _distinct, _quiet_libraries, _runtime, load_editor
     from .imageio import check_writable
+    from .provenance import provenance
 
     started = time.perf_counter()
     configs = pb.matrix(args.method, args.control)

@@ -1,38 +1,16 @@
-"""Provenance and atomic writing of benchmark reports (JSON, markdown)."""
+"""Atomic writing of benchmark reports (JSON, markdown) and their text and markdown tables.
+
+A report's provenance block (versions, device, commit) comes from :func:`pyinv.provenance.provenance`.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 from collections.abc import Sequence
 from typing import Any
 
 from ..imageio import atomic_path
-
-
-def git_commit() -> str | None:
-    """The commit of the source tree pyinv runs from, when it is a git checkout."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(
-            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def provenance(device) -> dict[str, Any]:
-    """Device, library versions and commit, for every written report."""
-    import torch
-
-    from ..cli import environment
-
-    info = environment()
-    name = torch.cuda.get_device_name(device) if getattr(device, "type", str(device)) == "cuda" else "cpu"
-    return {"device": name, "threads": torch.get_num_threads(), "commit": git_commit(), "versions": info}
 
 
 def _finite(obj: Any) -> Any:

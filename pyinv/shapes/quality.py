@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid:
         image_grid(images, columns=20).save(args.grid)
     if args.json:
-        from ..bench.report import provenance, write_json
+        from ..bench.report import write_json
+        from ..provenance import provenance
 
         settings = {"model": args.model, "count": args.count, "steps": args.steps, "guidance": args.guidance}
         settings["schedule"] = "reference"
