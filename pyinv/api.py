@@ -87,20 +87,18 @@ FLAT = 1.0 / 127.5
 
 def _controller(control: Any) -> Controller | None:
     """``control`` as a controller: a :class:`Controller`, ``None``/``"none"`` (prompt swap),
-    or a name in :data:`pyinv.control.CONTROLS` (that controller with its defaults)."""
-    from .control import CONTROLS
+    or a name in :data:`pyinv.control.CONTROL_NAMES` (that controller with its defaults)."""
+    from .control.registry import KINDS, choices
 
     if isinstance(control, str):
         name = control.strip().lower()
-        if name == "none":
-            return None
-        if name not in CONTROLS:
-            raise PyinvError(f"unknown control {control!r}; use one of none, {', '.join(CONTROLS)} or a Controller")
-        control = CONTROLS[name]()
+        if name not in KINDS:
+            raise PyinvError(f"unknown control {control!r}; use one of {choices()} or a Controller")
+        control = KINDS[name].build()
     if control is not None and not isinstance(control, Controller):
         raise PyinvError(
             f"control must be a Controller (P2P(...), MasaCtrl(...), PnP(...)), a name "
-            f"(none, {', '.join(CONTROLS)}) or None, got {type(control).__name__}"
+            f"({choices()}) or None, got {type(control).__name__}"
         )
     return control  # a method that takes none (EDICT) refuses it with its own message
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .argtypes import count_arg, guidance_arg, non_negative_int, positive_int, seed_arg, unit_float
 from .checks import check_seed, check_text
-from .cli_control import CONTROL_EPILOG, add_control_args, controller_from_args
+from .cli_control import add_control_args, control_epilog, controller_from_args
 from .errors import PyinvError
 
 if TYPE_CHECKING:  # the heavy libraries load inside main(), where Ctrl-C is handled
@@ -136,7 +136,6 @@ examples:
       --reweight cat=2 --out big-cat.png
 
 """
-EDIT_EPILOG += CONTROL_EPILOG
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="invert an image (or load an inversion) and edit it with text",
         description="Edit an image with text: invert IMAGE described by --source, then sample "
         "towards each --target; or edit a saved inversion (--inversion FILE).",
-        epilog=EDIT_EPILOG,
+        epilog=EDIT_EPILOG + control_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     edit.add_argument("image", nargs="?", metavar="IMAGE", help="the image to edit (or give --inversion)")
@@ -616,7 +615,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"{'':<{width}}{'; '.join(details)}")
     print()
     print("attention control (pyinv edit --control):")
-    for line in CONTROL_EPILOG.splitlines()[1:]:
+    for line in control_epilog().splitlines()[1:]:
         print(line)
     return 0
 

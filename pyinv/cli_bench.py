@@ -9,7 +9,8 @@ import time
 from dataclasses import asdict
 
 from .argtypes import int_in, positive_int
-from .bench.speed import BACKENDS, CONTROLS, DTYPE_NAMES
+from .bench.speed import BACKENDS, DTYPE_NAMES
+from .control.registry import CONTROL_NAMES
 
 BENCH_EPILOG = """\
 Each configuration runs --warmup + --repeats times on the same image and prompts; the table
@@ -40,7 +41,9 @@ def add_benchmark_parser(sub) -> None:
     p.add_argument("--model", metavar="NAME_OR_PATH", help="model preset, diffusers folder or hub id (default: demo)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--method", action="append", metavar="NAME", help="inversion method (repeatable)")
-    p.add_argument("--control", action="append", choices=CONTROLS, help="attention control (repeatable; default p2p)")
+    p.add_argument(
+        "--control", action="append", choices=CONTROL_NAMES, help="attention control (repeatable; default p2p)"
+    )
     p.add_argument("--backend", action="append", choices=BACKENDS, help="UNet backend (repeatable; default eager)")
     p.add_argument(
         "--dtype", action="append", choices=DTYPE_NAMES, help="dtype (repeatable; default fp32 on cpu, fp16 on cuda)"

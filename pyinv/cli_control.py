@@ -10,10 +10,9 @@ from typing import Any
 from .argtypes import non_negative_int, unit_float
 from .errors import PyinvError
 
-CONTROL_CHOICES = ("none", "p2p", "masactrl", "pnp")
 EDIT_CHOICES = ("refine", "replace", "reweight")
 
-#: argument name → (flag, the control it belongs to)
+#: argument name → (flag, the control it belongs to: a name in :data:`pyinv.control.CONTROL_NAMES`)
 KNOBS = {
     "edit_mode": ("--edit", "p2p"),
     "cross_replace": ("--cross-replace", "p2p"),
@@ -29,19 +28,36 @@ KNOBS = {
     "negative_prompt": ("--negative-prompt", "pnp"),
 }
 
-CONTROL_EPILOG = """\
-attention control (--control, default p2p; none for edict):
-  none       prompt swap: the target is sampled with its prompt, nothing else
-  p2p        Prompt-to-Prompt: --edit refine|replace|reweight, --cross-replace,
-             --self-replace, --reweight WORD=SCALE, --blend-words "SRC TGT"
-  masactrl   mutual self-attention: --masa-step, --masa-layer
-  pnp        Plug-and-Play: --pnp-feature-steps, --pnp-attention-steps, --negative-prompt
-"""
+#: the flags of each control, as the help lists them after the control's summary
+FLAG_HINTS = {
+    "p2p": '--edit refine|replace|reweight, --cross-replace,\n'
+    '--self-replace, --reweight WORD=SCALE, --blend-words "SRC TGT"',
+    "masactrl": "--masa-step, --masa-layer",
+    "pnp": "--pnp-feature-steps, --pnp-attention-steps, --negative-prompt",
+}
+
+
+def control_epilog() -> str:
+    """The help's list of the controls: one entry per registered control, its summary and flags."""
+    from .control.registry import DEFAULT_CONTROL, KINDS
+
+    lines = [f"attention control (--control, default {DEFAULT_CONTROL}; none for edict):"]
+    for name, kind in KINDS.items():
+        text = kind.summary + (f": {FLAG_HINTS[name]}" if name in FLAG_HINTS else "")
+        first, *rest = text.splitlines()
+        lines.append(f"  {name:<10} {first}")
+        lines += [f"  {'':<10} {line}" for line in rest]
+    return "\n".join(lines) + "\n"
 
 
 def add_control_args(p: argparse.ArgumentParser) -> None:
+    """``--control`` (one of the registered controls) and each control's flags."""
+    from .control.registry import CONTROL_NAMES, DEFAULT_CONTROL
+
     g = p.add_argument_group("attention control")
-    g.add_argument("--control", choices=CONTROL_CHOICES, help="attention controller (default: p2p; none for edict)")
+    g.add_argument(
+        "--control", choices=CONTROL_NAMES, help=f"attention controller (default: {DEFAULT_CONTROL}; none for edict)"
+    )
     g.add_argument("--edit", dest="edit_mode", choices=EDIT_CHOICES, help="p2p: the edit (default refine)")
     g.add_argument(
         "--cross-replace",
@@ -133,50 +149,65 @@ def _blend_words(text: str) -> tuple[list[str], list[str]]:
     return parts[0].split(","), parts[1].split(",")
 
 
+def _p2p_settings(args: argparse.Namespace) -> dict[str, Any]:
+    from .control import LocalBlend
+
+    blend = None
+    if args.blend_words is not None:
+        src, tgt = _blend_words(args.blend_words)
+        extra = {}
+        if args.blend_threshold is not None:
+            extra["threshold"] = args.blend_threshold
+        if args.blend_start is not None:
+            extra["start"] = args.blend_start
+        blend = LocalBlend(src, tgt, **extra)
+    elif args.blend_threshold is not None or args.blend_start is not None:
+        raise PyinvError("--blend-threshold and --blend-start need --blend-words")
+    settings: dict[str, Any] = {"edit": args.edit_mode or "refine", "blend": blend}
+    if args.cross_replace is not None:
+        settings["cross_replace"] = _window(args.cross_replace, "--cross-replace", allow_words=True)
+    if args.self_replace is not None:
+        settings["self_replace"] = _window(args.self_replace, "--self-replace", allow_words=False)
+    if args.reweight:
+        settings["reweight"] = _reweight(args.reweight)
+    return settings
+
+
+def _masactrl_settings(args: argparse.Namespace) -> dict[str, Any]:
+    settings = {}
+    if args.masa_step is not None:
+        settings["start_step"] = args.masa_step
+    if args.masa_layer is not None:
+        settings["start_layer"] = args.masa_layer
+    return settings
+
+
+def _pnp_settings(args: argparse.Namespace) -> dict[str, Any]:
+    settings = {}
+    if args.pnp_feature_steps is not None:
+        settings["feature_steps"] = args.pnp_feature_steps
+    if args.pnp_attention_steps is not None:
+        settings["attention_steps"] = args.pnp_attention_steps
+    if args.negative_prompt is not None:
+        settings["negative_prompt"] = args.negative_prompt
+    return settings
+
+
+#: control name → its constructor settings from the parsed flags (the defaults where none is given)
+SETTINGS = {"p2p": _p2p_settings, "masactrl": _masactrl_settings, "pnp": _pnp_settings}
+
+
 def controller_from_args(args: argparse.Namespace, method):
     """The controller ``pyinv edit`` asked for (``None`` for prompt swap); checks the knobs."""
-    from .control import P2P, LocalBlend, MasaCtrl, PnP
+    from .control.registry import DEFAULT_CONTROL, NONE, build_controller
 
-    control = args.control or ("p2p" if method.takes_control else "none")
+    control = args.control or (DEFAULT_CONTROL if method.takes_control else NONE)
     for name, (flag, owner) in KNOBS.items():
         if getattr(args, name, None) is not None and owner != control:
             raise PyinvError(f"{flag} applies to --control {owner}, not {control}")
-    if control == "none":
+    if control == NONE:
         return None
     if not method.takes_control:
         raise PyinvError(f"{method.name} runs its own coupled loop and takes no attention control (use --control none)")
-    if control == "p2p":
-        blend = None
-        if args.blend_words is not None:
-            src, tgt = _blend_words(args.blend_words)
-            extra = {}
-            if args.blend_threshold is not None:
-                extra["threshold"] = args.blend_threshold
-            if args.blend_start is not None:
-                extra["start"] = args.blend_start
-            blend = LocalBlend(src, tgt, **extra)
-        elif args.blend_threshold is not None or args.blend_start is not None:
-            raise PyinvError("--blend-threshold and --blend-start need --blend-words")
-        kwargs: dict[str, Any] = {"edit": args.edit_mode or "refine", "blend": blend}
-        if args.cross_replace is not None:
-            kwargs["cross_replace"] = _window(args.cross_replace, "--cross-replace", allow_words=True)
-        if args.self_replace is not None:
-            kwargs["self_replace"] = _window(args.self_replace, "--self-replace", allow_words=False)
-        if args.reweight:
-            kwargs["reweight"] = _reweight(args.reweight)
-        return P2P(**kwargs)
-    if control == "masactrl":
-        kwargs = {}
-        if args.masa_step is not None:
-            kwargs["start_step"] = args.masa_step
-        if args.masa_layer is not None:
-            kwargs["start_layer"] = args.masa_layer
-        return MasaCtrl(**kwargs)
-    kwargs = {}
-    if args.pnp_feature_steps is not None:
-        kwargs["feature_steps"] = args.pnp_feature_steps
-    if args.pnp_attention_steps is not None:
-        kwargs["attention_steps"] = args.pnp_attention_steps
-    if args.negative_prompt is not None:
-        kwargs["negative_prompt"] = args.negative_prompt
-    return PnP(**kwargs)
+    settings = SETTINGS[control](args) if control in SETTINGS else {}
+    return build_controller(control, **settings)

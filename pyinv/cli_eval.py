@@ -10,7 +10,8 @@ from dataclasses import asdict
 
 from .argtypes import int_in, positive_int
 from .bench.pie_metrics import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_LPIPS, LPIPS_NETS, OFF
-from .bench.shapes_bench import CONTROLS, EDIT_KINDS
+from .bench.shapes_bench import EDIT_KINDS
+from .control.registry import CONTROL_NAMES
 
 EVAL_EPILOG = """\
 Without --method and --control it runs every inversion method with P2P (prompt swap for
@@ -37,7 +38,7 @@ def add_eval_parser(sub, add_model_args) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sh.add_argument("--method", action="append", metavar="NAME", help="inversion method (repeatable)")
-    sh.add_argument("--control", action="append", choices=CONTROLS, help="attention control (repeatable)")
+    sh.add_argument("--control", action="append", choices=CONTROL_NAMES, help="attention control (repeatable)")
     sh.add_argument(
         "--count", type=int_in(1, 1000), default=10, metavar="N", help="cases per edit kind, at most 1000 (default 10)"
     )
@@ -86,7 +87,7 @@ def _add_pie_parser(benches, add_model_args) -> None:
     )
     pie.add_argument("--data", required=True, metavar="DIR", help="PIE-Bench folder (with mapping_file.json)")
     pie.add_argument("--method", action="append", metavar="NAME", help="inversion method (repeatable)")
-    pie.add_argument("--control", action="append", choices=CONTROLS, help="attention control (repeatable)")
+    pie.add_argument("--control", action="append", choices=CONTROL_NAMES, help="attention control (repeatable)")
     pie.add_argument(
         "--out",
         default="pie-bench-output",

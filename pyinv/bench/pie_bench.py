@@ -37,7 +37,7 @@ from ..errors import PyinvError
 from ..imageio import atomic_path, center_crop_resize, load_image, save_image
 from .pie_metrics import PieMetrics
 from .report import markdown_table, text_table
-from .shapes_bench import CONTROLS, BenchConfig, _mean, by_config
+from .shapes_bench import BenchConfig, _mean, by_config
 from .shapes_bench import matrix as shapes_matrix
 
 MAPPING_FILE = "mapping_file.json"
@@ -198,20 +198,12 @@ def matrix(methods: Sequence[str] | None = None, controls: Sequence[str] | None 
 
 
 def controller_for(control: str, case: PieCase):
-    """The controller of ``control`` for ``case``: P2P in PIE-Bench's settings on the
-    blended words, MasaCtrl and PnP at their defaults, ``None`` for a prompt swap."""
-    from ..control import MasaCtrl, PnP
-    from ..control.p2p import P2P
+    """The controller of ``control`` for ``case`` in the benchmarks' settings: P2P in
+    PIE-Bench's settings on the blended words (refine with its windows only where an entry
+    has none), MasaCtrl and PnP at their defaults, ``None`` for a prompt swap."""
+    from ..control.registry import benchmark_controller
 
-    if control == "p2p":
-        return P2P.pie_bench(*case.words) if case.words else P2P.pie_bench()
-    if control == "masactrl":
-        return MasaCtrl()
-    if control == "pnp":
-        return PnP()
-    if control == "none":
-        return None
-    raise PyinvError(f"unknown control {control!r}; use one of {', '.join(CONTROLS)}")
+    return benchmark_controller(control, case.words)
 
 
 def output_path(out_dir: str, config: BenchConfig, case: PieCase) -> str:

@@ -45,7 +45,6 @@ from .metrics import masked_mse, masked_psnr, masked_ssim, to_unit_tensor
 from .report import markdown_table, text_table
 
 EDIT_KINDS = ("color", "shape", "background")
-CONTROLS = ("p2p", "masactrl", "pnp", "none")
 #: scene seeds of the benchmark (training uses seeds from 10⁹, the quality check 7·10⁶)
 BENCH_SEED_BASE = 5_000_000
 
@@ -136,19 +135,19 @@ def default_matrix() -> list[BenchConfig]:
 def matrix(methods: Sequence[str] | None = None, controls: Sequence[str] | None = None) -> list[BenchConfig]:
     """The configurations to run: the default matrix when nothing is chosen, else every
     chosen method with every chosen control (P2P when no control is chosen)."""
+    from ..control.registry import DEFAULT_CONTROL, NONE, get_control
     from ..inversion import METHODS, get_method
 
     if not methods and not controls:
         return default_matrix()
     for c in controls or ():
-        if c not in CONTROLS:
-            raise PyinvError(f"unknown control {c!r}; use one of {', '.join(CONTROLS)}")
+        get_control(c)  # an unknown name is an error listing the choices
     algos = [get_method(m) for m in methods] if methods else list(METHODS.values())
     configs = []
     for algo in algos:
-        chosen = list(controls) if controls else ["p2p" if algo.takes_control else "none"]
+        chosen = list(controls) if controls else [DEFAULT_CONTROL if algo.takes_control else NONE]
         for c in chosen:
-            if c != "none" and not algo.takes_control:
+            if c != NONE and not algo.takes_control:
                 if controls and methods:
                     raise PyinvError(f"method {algo.name!r} takes no attention control; use --control none")
                 continue
@@ -156,20 +155,12 @@ def matrix(methods: Sequence[str] | None = None, controls: Sequence[str] | None 
     return list(dict.fromkeys(configs))
 
 
-def controller_for(control: str, case: EditCase):
-    """The controller of ``control`` for ``case`` (``None`` for prompt swap)."""
-    from ..control import MasaCtrl, PnP
-    from ..control.p2p import P2P
+def controller_for(control: str, case: EditCase | None):
+    """The controller of ``control`` for ``case`` in the benchmarks' settings (P2P in
+    PIE-Bench's configuration on the changed words; ``None`` for prompt swap)."""
+    from ..control.registry import benchmark_controller
 
-    if control == "p2p":
-        return P2P.pie_bench(*case.words)
-    if control == "masactrl":
-        return MasaCtrl()
-    if control == "pnp":
-        return PnP()
-    if control == "none":
-        return None
-    raise PyinvError(f"unknown control {control!r}; use one of {', '.join(CONTROLS)}")
+    return benchmark_controller(control, None if case is None else case.words)
 
 
 # ---------------------------------------------------------------------- scoring

@@ -38,7 +38,6 @@ import torch
 
 from ..errors import PyinvError
 
-CONTROLS = ("p2p", "masactrl", "pnp", "none")
 BACKENDS = ("eager", "compile")
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 STAGES = ("encode", "invert", "edit", "decode", "e2e", "reedit")
@@ -144,9 +143,10 @@ def matrix(
     with a control explicitly is an error. Default: :data:`DEFAULT_METHODS` (``--quick``:
     :data:`QUICK_METHODS`) with P2P.
     """
+    from ..control.registry import CONTROL_NAMES, DEFAULT_CONTROL, NONE
     from ..inversion import get_method
 
-    for what, values, allowed in (("control", controls, CONTROLS), ("backend", backends, BACKENDS)):
+    for what, values, allowed in (("control", controls, CONTROL_NAMES), ("backend", backends, BACKENDS)):
         for value in values or ():
             if value not in allowed:
                 raise PyinvError(f"unknown {what} {value!r}; use one of {', '.join(allowed)}")
@@ -157,11 +157,11 @@ def matrix(
     configs = [BASELINE] if baseline else []
     for name in names:
         algo = get_method(name)
-        for control in controls or ("p2p",):
-            if not algo.takes_control and control != "none":
+        for control in controls or (DEFAULT_CONTROL,):
+            if not algo.takes_control and control != NONE:
                 if controls:
                     raise PyinvError(f"method {algo.name!r} takes no attention control; use --control none")
-                control = "none"
+                control = NONE
             for backend in backends:
                 for dtype in dtypes:
                     configs.append(SpeedConfig(algo.name, control, backend, dtype))
@@ -169,18 +169,12 @@ def matrix(
 
 
 def controller(control: str, compiled: bool):
-    """The attention controller of ``control`` (``None`` for prompt swap). Under a compiled
-    UNet the controllers keep one graph for every step (``graph_static``)."""
-    from ..control import MasaCtrl, PnP
-    from ..control.p2p import P2P
+    """The attention controller of ``control`` in the benchmarks' settings on the edited words
+    (``None`` for prompt swap). Under a compiled UNet the controllers keep one graph for
+    every step (``graph_static``)."""
+    from ..control.registry import benchmark_controller
 
-    if control == "p2p":
-        return P2P.pie_bench(*EDIT_WORDS, graph_static=compiled)
-    if control == "masactrl":
-        return MasaCtrl(graph_static=compiled)
-    if control == "pnp":
-        return PnP(graph_static=compiled)
-    return None
+    return benchmark_controller(control, EDIT_WORDS, graph_static=compiled)
 
 
 def source_image(resolution: int):
