@@ -8,9 +8,9 @@ import sys
 import time
 from dataclasses import asdict
 
-from .argtypes import int_in, positive_int
-from .bench.speed import BACKENDS, DTYPE_NAMES
-from .control.registry import CONTROL_NAMES
+from ..argtypes import int_in, positive_int
+from ..bench.speed import BACKENDS, DTYPE_NAMES
+from ..control.registry import CONTROL_NAMES
 
 BENCH_EPILOG = """\
 Each configuration runs --warmup + --repeats times on the same image and prompts; the table
@@ -68,14 +68,14 @@ def add_benchmark_parser(sub) -> None:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from .bench import speed
-    from .bench.report import write_json, write_text
-    from .bench.speed_report import markdown_lines, plot, table_lines, target_lines
-    from .cli import DEFAULT_MODEL, EXIT_INTERRUPTED, _distinct, _quiet_libraries, load_editor
-    from .errors import PyinvError
-    from .imageio import check_writable
-    from .models import parse_device, parse_dtype
-    from .provenance import provenance
+    from ..bench import speed
+    from ..bench.report import write_json, write_text
+    from ..bench.speed_report import markdown_lines, plot, table_lines, target_lines
+    from ..errors import PyinvError
+    from ..imageio import check_writable
+    from ..models import parse_device, parse_dtype
+    from ..provenance import provenance
+    from . import DEFAULT_MODEL, EXIT_INTERRUPTED, _distinct, _quiet_libraries, load_editor
 
     started = time.perf_counter()
     if args.warmup is not None and args.warmup < 0:

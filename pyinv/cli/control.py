@@ -7,8 +7,8 @@ import json
 import math
 from typing import Any
 
-from .argtypes import non_negative_int, unit_float
-from .errors import PyinvError
+from ..argtypes import non_negative_int, unit_float
+from ..errors import PyinvError
 
 EDIT_CHOICES = ("refine", "replace", "reweight")
 
@@ -39,7 +39,7 @@ FLAG_HINTS = {
 
 def control_epilog() -> str:
     """The help's list of the controls: one entry per registered control, its summary and flags."""
-    from .control.registry import DEFAULT_CONTROL, KINDS
+    from ..control.registry import DEFAULT_CONTROL, KINDS
 
     lines = [f"attention control (--control, default {DEFAULT_CONTROL}; none for edict):"]
     for name, kind in KINDS.items():
@@ -52,7 +52,7 @@ def control_epilog() -> str:
 
 def add_control_args(p: argparse.ArgumentParser) -> None:
     """``--control`` (one of the registered controls) and each control's flags."""
-    from .control.registry import CONTROL_NAMES, DEFAULT_CONTROL
+    from ..control.registry import CONTROL_NAMES, DEFAULT_CONTROL
 
     g = p.add_argument_group("attention control")
     g.add_argument(
@@ -150,7 +150,7 @@ def _blend_words(text: str) -> tuple[list[str], list[str]]:
 
 
 def _p2p_settings(args: argparse.Namespace) -> dict[str, Any]:
-    from .control import LocalBlend
+    from ..control import LocalBlend
 
     blend = None
     if args.blend_words is not None:
@@ -199,7 +199,7 @@ SETTINGS = {"p2p": _p2p_settings, "masactrl": _masactrl_settings, "pnp": _pnp_se
 
 def controller_from_args(args: argparse.Namespace, method):
     """The controller ``pyinv edit`` asked for (``None`` for prompt swap); checks the knobs."""
-    from .control.registry import DEFAULT_CONTROL, NONE, build_controller
+    from ..control.registry import DEFAULT_CONTROL, NONE, build_controller
 
     control = args.control or (DEFAULT_CONTROL if method.takes_control else NONE)
     for name, (flag, owner) in KNOBS.items():

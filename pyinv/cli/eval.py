@@ -8,10 +8,10 @@ import sys
 import time
 from dataclasses import asdict
 
-from .argtypes import int_in, positive_int
-from .bench.pie_metrics import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_LPIPS, LPIPS_NETS, OFF
-from .bench.shapes_bench import EDIT_KINDS
-from .control.registry import CONTROL_NAMES
+from ..argtypes import int_in, positive_int
+from ..bench.pie_metrics import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_LPIPS, LPIPS_NETS, OFF
+from ..bench.shapes_bench import EDIT_KINDS
+from ..control.registry import CONTROL_NAMES
 
 EVAL_EPILOG = """\
 Without --method and --control it runs every inversion method with P2P (prompt swap for
@@ -75,7 +75,7 @@ examples:
 
 
 def _add_pie_parser(benches, add_model_args) -> None:
-    from .bench.pie_bench import EDITING_TYPES
+    from ..bench.pie_bench import EDITING_TYPES
 
     pie = benches.add_parser(
         "pie-bench",
@@ -129,11 +129,11 @@ def _add_pie_parser(benches, add_model_args) -> None:
 
 
 def cmd_eval_shapes(args: argparse.Namespace) -> int:
-    from .bench import shapes_bench as sb
-    from .bench.report import write_json, write_text
-    from .cli import DEFAULT_MODEL, _distinct, _runtime, load_editor
-    from .imageio import check_writable
-    from .provenance import provenance
+    from ..bench import shapes_bench as sb
+    from ..bench.report import write_json, write_text
+    from ..imageio import check_writable
+    from ..provenance import provenance
+    from . import DEFAULT_MODEL, _distinct, _runtime, load_editor
 
     started = time.perf_counter()
     configs = sb.matrix(args.method, args.control)
@@ -177,7 +177,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
 def _output_folder(path: str) -> str:
     import os
 
-    from .errors import PyinvError
+    from ..errors import PyinvError
 
     if os.path.exists(path) and not os.path.isdir(path):
         raise PyinvError(f"--out is a file, not a folder: {path}")
@@ -191,12 +191,12 @@ def _output_folder(path: str) -> str:
 def cmd_eval_pie_bench(args: argparse.Namespace) -> int:
     import os
 
-    from .bench import pie_bench as pb
-    from .bench.pie_metrics import PieMetrics
-    from .bench.report import write_json, write_text
-    from .cli import DEFAULT_MODEL, _distinct, _quiet_libraries, _runtime, load_editor
-    from .imageio import check_writable
-    from .provenance import provenance
+    from ..bench import pie_bench as pb
+    from ..bench.pie_metrics import PieMetrics
+    from ..bench.report import write_json, write_text
+    from ..imageio import check_writable
+    from ..provenance import provenance
+    from . import DEFAULT_MODEL, _distinct, _quiet_libraries, _runtime, load_editor
 
     started = time.perf_counter()
     configs = pb.matrix(args.method, args.control)

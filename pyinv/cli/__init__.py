@@ -23,10 +23,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .argtypes import count_arg, guidance_arg, non_negative_int, positive_int, seed_arg, unit_float
-from .checks import check_seed, check_text
-from .cli_control import add_control_args, control_epilog, controller_from_args
-from .errors import PyinvError
+from ..argtypes import count_arg, guidance_arg, non_negative_int, positive_int, seed_arg, unit_float
+from ..checks import check_seed, check_text
+from ..errors import PyinvError
+from .control import add_control_args, control_epilog, controller_from_args
 
 if TYPE_CHECKING:  # the heavy libraries load inside main(), where Ctrl-C is handled
     import torch
@@ -72,7 +72,7 @@ class _Parser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------------- parser
 def _method_names() -> str:
-    from .inversion import METHODS
+    from ..inversion import METHODS
 
     return ", ".join(METHODS)
 
@@ -89,7 +89,7 @@ def _add_model_args(p: argparse.ArgumentParser, model_help: str) -> None:
 
 
 def _add_invert_args(p: argparse.ArgumentParser) -> None:
-    from .schedule import SCHEDULE_MODES
+    from ..schedule import SCHEDULE_MODES
 
     g = p.add_argument_group("inversion")
     g.add_argument(
@@ -140,9 +140,9 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``pyinv`` argument parser with its subcommands."""
-    from . import __version__
-    from .cli_bench import add_benchmark_parser
-    from .cli_eval import add_eval_parser
+    from .. import __version__
+    from .bench import add_benchmark_parser
+    from .eval import add_eval_parser
 
     parser = _Parser(
         prog=PROG, description="Invert real images into text-to-image diffusion models and edit them with text."
@@ -261,7 +261,7 @@ def _prompt(text: str | None, flag: str) -> str | None:
 
 
 def _methods_with(option: str, kind: str) -> str:
-    from .inversion import METHODS
+    from ..inversion import METHODS
 
     names = [m.name for m in METHODS.values() if option in (m.invert_options if kind == "invert" else m.edit_options)]
     return ", ".join(names) or "no registered method"
@@ -305,14 +305,14 @@ def _inversion_guidance(args: argparse.Namespace, algo) -> float | None:
 
 def _read_image(path: str):
     """The input image as RGB, or one clear error (read before any model is loaded)."""
-    from .imageio import load_image
+    from ..imageio import load_image
 
     return load_image(path)
 
 
 def _load_inversion(path: str):
     """Read an inversion file (without a model: a cheap check before loading one)."""
-    from .inversion import Inversion
+    from ..inversion import Inversion
 
     try:
         return Inversion.load(path)
@@ -331,14 +331,14 @@ def _numbered(path: str, count: int) -> list[str]:
 
 
 def _image_outputs(path: str, count: int) -> list[str]:
-    from .imageio import check_writable, image_format
+    from ..imageio import check_writable, image_format
 
     image_format(path)
     return [check_writable(p) for p in _numbered(path, count)]
 
 
 def _inversion_output(path: str, flag: str) -> str:
-    from .imageio import IMAGE_FORMATS, check_writable
+    from ..imageio import IMAGE_FORMATS, check_writable
 
     if os.path.splitext(path)[1].lower() in IMAGE_FORMATS:
         raise PyinvError(f"{flag} is an inversion file (.safetensors), not an image: {path}")
@@ -355,14 +355,14 @@ def _distinct(paths: Sequence[str]) -> None:
 
 
 def _runtime(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
-    from .models import parse_device, parse_dtype
+    from ..models import parse_device, parse_dtype
 
     return parse_device(args.device), parse_dtype(args.dtype)
 
 
 def _quiet_libraries():
     """Silence the libraries' log messages and warnings for a block (see :func:`pyinv.models.quiet_libraries`)."""
-    from .models import quiet_libraries
+    from ..models import quiet_libraries
 
     return quiet_libraries()
 
@@ -394,7 +394,7 @@ def _interrupt_exits() -> Iterator[None]:
 def load_editor(model: str, device: torch.device, dtype: torch.dtype, progress: bool):
     """Load the model (the one expensive setup step), without library chatter on stderr."""
     with _interrupt_exits():
-        from .api import Editor
+        from ..api import Editor
 
         return Editor.from_pretrained(model, device=device, dtype=dtype, progress=progress)
 
@@ -445,7 +445,7 @@ def _invert(
 
 def cmd_invert(args: argparse.Namespace) -> int:
     """``pyinv invert``: write an inversion file."""
-    from .inversion import get_method
+    from ..inversion import get_method
 
     started = time.perf_counter()
     algo = get_method(args.method or DEFAULT_METHOD)
@@ -490,7 +490,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def _edit_image(args: argparse.Namespace, targets: list[str]) -> int:
-    from .inversion import get_method
+    from ..inversion import get_method
 
     started = time.perf_counter()
     algo = get_method(args.method or DEFAULT_METHOD)
@@ -528,7 +528,7 @@ def _edit_image(args: argparse.Namespace, targets: list[str]) -> int:
 
 
 def _edit_inversion(args: argparse.Namespace, targets: list[str]) -> int:
-    from .inversion import get_method
+    from ..inversion import get_method
 
     started = time.perf_counter()
     given = [flag for name, flag in INVERT_ONLY.items() if getattr(args, name) is not None]
@@ -560,7 +560,7 @@ def _control_name(control) -> str:
 
 def _write(images: Sequence[Image.Image], paths: Sequence[str], inv, inv_path: str | None) -> list[str]:
     """Write every output (atomically each); on any failure none of them is left."""
-    from .imageio import save_image
+    from ..imageio import save_image
 
     with _all_or_nothing() as written:
         for img, path in zip(images, paths, strict=True):
@@ -593,7 +593,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     """``pyinv methods``: one entry per registered method."""
-    from .inversion import ALIASES, METHODS
+    from ..inversion import ALIASES, METHODS
 
     width = max(len(name) for name in METHODS) + 2
     for name, m in METHODS.items():
@@ -622,8 +622,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """``pyinv info``: versions, whether CUDA is usable, and the per-step ops' implementations."""
-    from .ops import availability
-    from .provenance import environment
+    from ..ops import availability
+    from ..provenance import environment
 
     env = environment()
     ops = availability()
