@@ -31,10 +31,10 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_cli_default():
     """Make ``tiny`` the CLI's default model for a test module (``pytestmark = usefixtures``)."""
-    from pyinv import cli
+    from pyinv.cli import common
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli, "DEFAULT_MODEL", "tiny")
+        mp.setattr(common, "DEFAULT_MODEL", "tiny")
         yield
 
 

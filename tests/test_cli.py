@@ -23,6 +23,7 @@ from conftest import make_test_image
 from PIL import Image
 
 from pyinv import cli
+from pyinv.cli import common
 from pyinv.inversion import METHODS
 
 SRC = "a photo of a red ball"
@@ -513,7 +514,7 @@ def test_interrupt_is_one_line(images, tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "load_editor", interrupted)
+    monkeypatch.setattr(common, "load_editor", interrupted)
     out = tmp_path / "out.png"
     status = cli.main(_edit("rgb.png")(images, tmp_path))
     assert status == 130

@@ -14,6 +14,7 @@ from PIL import Image
 
 import pyinv
 from pyinv import cli
+from pyinv.cli import common
 from pyinv.presets import DEMO_FOLDER
 from pyinv.shapes import read
 from pyinv.shapes.quality import check_quality
@@ -101,7 +102,7 @@ def test_quality_report_carries_its_provenance(tmp_path, capsys):
 
 # ---------------------------------------------------------------------- command line
 def test_cli_defaults_to_demo_and_the_readme_edit_is_real(tmp_path, capsys):
-    assert cli.DEFAULT_MODEL == "demo"
+    assert common.DEFAULT_MODEL == "demo"
     out = tmp_path / "green.png"
     status = cli.main(
         ["edit", EXAMPLE, "--source", "a red circle on a blue background",
@@ -158,7 +159,7 @@ def test_eval_shapes_end_to_end(tmp_path, capsys):
 
 
 def test_eval_shapes_refuses_bad_choices_before_loading(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "load_editor", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(common, "load_editor", lambda *a, **k: pytest.fail("the model was loaded"))
     assert cli.main(["eval", "shapes", "--method", "edict", "--control", "p2p"]) == 1
     assert "takes no attention control" in capsys.readouterr().err
     assert cli.main(["eval", "shapes", "--json", str(tmp_path / "missing" / "x.json")]) == 1

@@ -30,6 +30,7 @@ import pyinv
 from pyinv import PyinvError, cli
 from pyinv.argtypes import count_arg, guidance_arg, seed_arg
 from pyinv.checks import MAX_GUIDANCE, SEED_MAX
+from pyinv.cli import common
 from pyinv.imageio import check_writable, load_image
 
 SRC = "a photo of a red ball"
@@ -70,7 +71,7 @@ def edit_argv(image: str, out: Path, *extra: str) -> list[str]:
 
 def no_model_load(monkeypatch) -> None:
     """Checks that must come before the model is loaded."""
-    monkeypatch.setattr(cli, "load_editor", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(common, "load_editor", lambda *a, **k: pytest.fail("the model was loaded"))
 
 
 # ---------------------------------------------------------------------- integers beyond what the code can hold
@@ -557,7 +558,7 @@ def test_any_command_line_is_accepted_or_one_line(command, options, source_png, 
     def loaded(*args, **kwargs):
         raise _Loaded
 
-    monkeypatch.setattr(cli, "load_editor", loaded)
+    monkeypatch.setattr(common, "load_editor", loaded)
     monkeypatch.chdir(tmp_path)
     head = {  # the required arguments first; the random ones after them override them
         "edit": ["edit", source_png, "--source", SRC, "--target", TGT, "--out", "o.png"],

@@ -11,6 +11,8 @@ from dataclasses import asdict
 from ..argtypes import int_in, positive_int
 from ..bench.speed import BACKENDS, DTYPE_NAMES
 from ..control.registry import CONTROL_NAMES
+from . import common
+from .common import EXIT_INTERRUPTED, distinct, quiet_libraries
 
 BENCH_EPILOG = """\
 Each configuration runs --warmup + --repeats times on the same image and prompts; the table
@@ -75,25 +77,24 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from ..imageio import check_writable
     from ..models import parse_device, parse_dtype
     from ..provenance import provenance
-    from . import DEFAULT_MODEL, EXIT_INTERRUPTED, _distinct, _quiet_libraries, load_editor
 
     started = time.perf_counter()
     if args.warmup is not None and args.warmup < 0:
         raise PyinvError(f"--warmup must be 0 or more, got {args.warmup}")
     outputs = [check_writable(p) for p in (args.json, args.markdown, args.plot) if p]
-    _distinct(outputs)
+    distinct(outputs)
     device = parse_device(args.device)
     dtypes = args.dtype or (["fp16"] if device.type == "cuda" else ["fp32"])
     configs = speed.matrix(
         args.method, args.control, args.backend or ["eager"], dtypes, baseline=not args.no_baseline, quick=args.quick
     )
-    name = args.model or DEFAULT_MODEL
+    name = args.model or common.DEFAULT_MODEL
     editors: dict[tuple[str, str], object] = {}
 
     def load(dtype: str, backend: str):
         """One model per dtype, one compiled wrapper per (dtype, backend); cached."""
         if (dtype, "eager") not in editors:
-            editor = load_editor(name, device, parse_dtype(dtype), progress=False)
+            editor = common.load_editor(name, device, parse_dtype(dtype), progress=False)
             if args.resolution:
                 editor.model.image_size = args.resolution
             editors[(dtype, "eager")] = editor
@@ -110,7 +111,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         warmup=args.warmup if args.warmup is not None else 1,
         repeats=args.repeats or (2 if args.quick else 3),
     )
-    with _quiet_libraries():  # e.g. torch.compile's warnings about the libraries' code
+    with quiet_libraries():  # e.g. torch.compile's warnings about the libraries' code
         rows, interrupted = speed.run_bench(load, configs, settings, progress=not args.quiet)
     info = provenance(device)
     targets = speed.targets(rows, device.type)

@@ -1,4 +1,11 @@
-"""``pyinv edit``'s attention-control arguments: ``--control`` and the knobs of each controller."""
+"""``pyinv edit``'s attention-control arguments: ``--control`` and the knobs of each controller.
+
+The control names, their summaries and the controllers they build come from
+:mod:`pyinv.control.registry`; this module adds each control's flags (:data:`KNOBS`) and
+turns them into the controller's settings (:data:`SETTINGS`). The registry is imported
+inside the functions: it loads torch, which the command line imports only once Ctrl-C is
+handled.
+"""
 
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ from ..argtypes import int_in, positive_int
 from ..bench.pie_metrics import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_LPIPS, LPIPS_NETS, OFF
 from ..bench.shapes_bench import EDIT_KINDS
 from ..control.registry import CONTROL_NAMES
+from . import common
+from .common import add_model_args, distinct, quiet_libraries, runtime
 
 EVAL_EPILOG = """\
 Without --method and --control it runs every inversion method with P2P (prompt swap for
@@ -25,7 +27,7 @@ examples:
 """
 
 
-def add_eval_parser(sub, add_model_args) -> None:
+def add_eval_parser(sub) -> None:
     """Register ``pyinv eval`` and its benchmarks on the top-level subparsers ``sub``."""
     ev = sub.add_parser("eval", help="measure editing quality on a benchmark", description="Measure editing quality.")
     benches = ev.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
@@ -48,7 +50,7 @@ def add_eval_parser(sub, add_model_args) -> None:
     sh.add_argument("--markdown", metavar="PATH", help="write the summary table as markdown")
     add_model_args(sh, "model preset or diffusers folder (default: demo)")
     sh.set_defaults(func=cmd_eval_shapes)
-    _add_pie_parser(benches, add_model_args)
+    _add_pie_parser(benches)
 
 
 PIE_EPILOG = f"""\
@@ -74,7 +76,7 @@ examples:
 """
 
 
-def _add_pie_parser(benches, add_model_args) -> None:
+def _add_pie_parser(benches) -> None:
     from ..bench.pie_bench import EDITING_TYPES
 
     pie = benches.add_parser(
@@ -133,15 +135,14 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     from ..bench.report import write_json, write_text
     from ..imageio import check_writable
     from ..provenance import provenance
-    from . import DEFAULT_MODEL, _distinct, _runtime, load_editor
 
     started = time.perf_counter()
     configs = sb.matrix(args.method, args.control)
     cases = sb.make_cases(args.count, args.kind or sb.EDIT_KINDS)
     outputs = [check_writable(p) for p in (args.json, args.markdown) if p]
-    _distinct(outputs)
-    device, dtype = _runtime(args)
-    editor = load_editor(args.model or DEFAULT_MODEL, device, dtype, progress=False)
+    distinct(outputs)
+    device, dtype = runtime(args)
+    editor = common.load_editor(args.model or common.DEFAULT_MODEL, device, dtype, progress=False)
     results = sb.run_bench(editor, cases, configs, steps=args.steps, progress=not args.quiet)
     rows = sb.summarize(results)
     print("\n".join(sb.table_lines(rows)))
@@ -196,7 +197,6 @@ def cmd_eval_pie_bench(args: argparse.Namespace) -> int:
     from ..bench.report import write_json, write_text
     from ..imageio import check_writable
     from ..provenance import provenance
-    from . import DEFAULT_MODEL, _distinct, _quiet_libraries, _runtime, load_editor
 
     started = time.perf_counter()
     configs = pb.matrix(args.method, args.control)
@@ -204,17 +204,17 @@ def cmd_eval_pie_bench(args: argparse.Namespace) -> int:
     out_dir = _output_folder(args.out)
     csv_path = args.csv or os.path.join(out_dir, "scores.csv")
     reports = [check_writable(p) for p in (csv_path, args.json, args.markdown) if p]
-    _distinct(reports)
-    device, dtype = _runtime(args)
-    with _quiet_libraries():
+    distinct(reports)
+    device, dtype = runtime(args)
+    with quiet_libraries():
         metrics = PieMetrics.load(args.dino, args.clip, args.lpips, device)
-    model = args.model or DEFAULT_MODEL
+    model = args.model or common.DEFAULT_MODEL
     results = pb.run_pie_bench(
         cases,
         configs,
         metrics,
         out_dir,
-        lambda: load_editor(model, device, dtype, progress=False),
+        lambda: common.load_editor(model, device, dtype, progress=False),
         steps=args.steps,
         seed=0 if args.seed is None else args.seed,
         rerun=args.rerun,
