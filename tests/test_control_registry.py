@@ -84,6 +84,12 @@ def test_benchmark_matrices_accept_the_registry_names(name):
     assert [c.control for c in pie_bench.matrix(["direct"], [name])] == [name]
 
 
+def test_default_matrices_use_registered_names():
+    configs = [*speed.matrix(), *speed.matrix(quick=True), *shapes_bench.matrix(), *pie_bench.matrix()]
+    assert {c.control for c in configs} <= set(CONTROL_NAMES)
+    assert {c.control for c in shapes_bench.default_matrix()} == set(CONTROL_NAMES)
+
+
 def test_unknown_names_list_the_registry_choices():
     for call in (
         lambda: get_control("p2q"),

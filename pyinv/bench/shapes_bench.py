@@ -125,9 +125,10 @@ class BenchConfig:
 def default_matrix() -> list[BenchConfig]:
     """Every inversion method with P2P (prompt swap where a method takes no control), and
     DDIM and Direct Inversion with MasaCtrl and PnP."""
+    from ..control.registry import DEFAULT_CONTROL, NONE
     from ..inversion import METHODS
 
-    configs = [BenchConfig(m.name, "p2p" if m.takes_control else "none") for m in METHODS.values()]
+    configs = [BenchConfig(m.name, DEFAULT_CONTROL if m.takes_control else NONE) for m in METHODS.values()]
     configs += [BenchConfig(m, c) for m in ("ddim", "direct") for c in ("masactrl", "pnp")]
     return configs
 
