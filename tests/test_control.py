@@ -11,8 +11,11 @@ import torch
 from control_reference import ExplicitMasaCtrl, ExplicitP2P, ExplicitPnP
 
 import pyinv
-from pyinv import P2P, LocalBlend, MasaCtrl, PnP
+from pyinv import P2P, LocalBlend, MasaCtrl, PnP, loop
+from pyinv.control.attention import ControlledAttention, controlled_modules
+from pyinv.control.base import EditContext
 from pyinv.errors import PyinvError
+from pyinv.inversion import get_method
 
 SRC = "a photo of a red ball"
 TGT = "a photo of a blue cube"
@@ -84,16 +87,22 @@ def test_graph_static_mode_gives_the_same_edit(editor64, inv64):
 
 
 def test_local_blend_keeps_the_source_outside_the_mask(editor_v, inv_v):
-    control = P2P(blend=LocalBlend("ball", "cube", threshold=0.97))
     masks = []
-    original = control.blend_mask
 
-    def spy(step):
-        mask = original(step)
-        masks.append(mask)
-        return mask
+    class Spy(P2P):
+        def plan(self, *args):
+            plan = super().plan(*args)
+            original = plan.blend_mask
 
-    control.blend_mask = spy
+            def spy(i, maps):
+                mask = original(i, maps)
+                masks.append(mask)
+                return mask
+
+            plan.blend_mask = spy
+            return plan
+
+    control = Spy(blend=LocalBlend("ball", "cube", threshold=0.97))
     out = editor_v.edit(inv_v, TGT, control=control, with_source=True)
     assert masks[0] is None and masks[-1] is not None  # blending starts at int(0.2·N)
     assert sum(m is None for m in masks) == int(0.2 * STEPS)
@@ -190,37 +199,60 @@ def test_edict_refuses_attention_control(editor, image):
         editor.edit(inv, TGT, control=P2P())
 
 
-# ---------------------------------------------------------------------- install / remove
-def _hooks(unet) -> int:
-    return sum(len(m._forward_hooks) for m in unet.modules())
-
-
-def test_processors_and_hooks_are_restored(editor, inv_v, image):
+# ---------------------------------------------------------------------- the model does not change
+def test_the_model_is_the_same_before_during_and_after_edits(editor, image):
+    """Processors and hooks are installed once per model; an edit (any controller) changes
+    neither, at any step."""
     unet = editor.model.unet
-    before = dict(unet.attn_processors)
-    hooks = _hooks(unet)
+    before, hooks = controlled_modules(unet)
+    assert all(isinstance(p, ControlledAttention) for p in before.values())
     inv = editor.invert(image, SRC, method="direct", steps=4)
+    seen = []
+
+    def check(i, latents):
+        now, count = controlled_modules(unet)
+        seen.append(count == hooks and all(now[name] is proc for name, proc in before.items()))
+
     for control in (P2P(blend=("ball", "cube")), MasaCtrl(start_step=1), PnP()):
         editor.edit(inv, TGT, control=control)
-        after = unet.attn_processors
-        assert all(after[name] is proc for name, proc in before.items())
-        assert _hooks(unet) == hooks
+        loop_run_with(editor, inv, control, check)
+    after, count = controlled_modules(unet)
+    assert seen and all(seen)
+    assert count == hooks and all(after[name] is proc for name, proc in before.items())
 
 
-def test_processors_are_restored_when_an_edit_fails(editor, image):
+def loop_run_with(editor, inv, control, on_step):
+    """Run ``control``'s edit of ``inv`` through the loop with ``on_step`` told every step."""
+    method = get_method(inv.method)
+    model = editor.model
+    program = method.program(model, inv, [TGT], 7.5, True)
+    program = control.prepare(model, program, inv.source_prompt, [TGT])
+    context = EditContext(inv.source_prompt, (TGT,), method.control_defaults)
+    return loop.run(model, program, control, context, on_step=on_step)
+
+
+def test_a_failing_edit_leaves_the_model_as_it_was(editor, image):
     class Boom(PnP):
-        def begin_step(self, step, timestep):
-            super().begin_step(step, timestep)
-            if step == 2:
-                raise RuntimeError("boom")
+        def plan(self, *args):
+            plan = super().plan(*args)
+            step = plan.step
+
+            def failing(i):
+                if i == 2:
+                    raise RuntimeError("boom")
+                return step(i)
+
+            plan.step = failing
+            return plan
 
     unet = editor.model.unet
-    before = dict(unet.attn_processors)
+    before, hooks = controlled_modules(unet)
     inv = editor.invert(image, SRC, method="direct", steps=4)
     with pytest.raises(RuntimeError, match="boom"):
         editor.edit(inv, TGT, control=Boom())
-    assert all(unet.attn_processors[name] is proc for name, proc in before.items())
-    assert _hooks(unet) == 0
+    after, count = controlled_modules(unet)
+    assert count == hooks and all(after[name] is proc for name, proc in before.items())
+    assert torch.equal(editor.edit(inv, TGT, control=PnP()).latents, editor.edit(inv, TGT, control=PnP()).latents)
 
 
 def test_a_controller_object_can_be_reused(editor64, inv64):
@@ -246,11 +278,17 @@ def _live_tensor_bytes() -> int:
 
 
 class _Census(P2P):
-    """P2P that records the bytes of all live tensors after every step."""
+    """P2P whose plan records the bytes of all live tensors after every step."""
 
-    def after_step(self, step, latents):
-        self.census.append(_live_tensor_bytes())
-        return latents
+    def plan(self, *args):
+        plan = super().plan(*args)
+
+        def after_step(i, latents):
+            self.census.append(_live_tensor_bytes())
+            return latents
+
+        plan.after_step = after_step
+        return plan
 
 
 def test_nothing_accumulates_per_step_or_outlives_the_edit(editor, image):
