@@ -4,8 +4,11 @@ A method describes its edit as an :class:`EditProgram`: the branches (optional s
 first, then one per target prompt), their start latents, per-step embeddings and
 guidance, and the per-step corrections (Direct Inversion's pin or offsets, EF-DDPM's
 noise maps). The driver decides the UNet batch from what the program and the controller
-need, calls the UNet once per step, and applies CFG + step + correction with the fused
-step op (:func:`pyinv.ops.guided_step`).
+need (:class:`BatchLayout`), has the controller plan the edit's control for that layout
+(:meth:`~pyinv.control.base.Controller.plan`), calls the UNet once per step with the step's
+control, and applies CFG + step + correction (+ LocalBlend's mask) with the fused step op
+(:func:`pyinv.ops.guided_step`). The edit's state (latents, LocalBlend's map sum, counts)
+lives in :func:`run` alone.
 
 Batch rows per step: for each branch, an unconditional pass when its guidance ≠ 1
 (and it is stepped), and a conditional pass; a *pinned* source branch is not stepped
