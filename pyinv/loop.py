@@ -183,14 +183,19 @@ def run(
         maps = torch.zeros(plan.maps_shape, device=device, dtype=torch.float32)
     calls = forwards = 0
     trajectory = [latents.clone()] if keep_trajectory else []
+    # the timesteps on the device once: a per-step host-to-device copy would wait for the device
+    timesteps = torch.tensor([int(t) for t in schedule.timesteps], dtype=torch.int64, device=device)
+    alphas = {i: schedule.step_alphas(i) for i in range(program.first_step, n)}  # host numbers, once
 
     for i in tqdm(range(program.first_step, n), desc=desc, disable=not progress, leave=False):
-        t, a_t, a_s = schedule.step_alphas(i)
+        t, a_t, a_s = alphas[i]
         uncond, cond = _at(program.uncond, i).to(device), _at(program.cond, i).to(device)
         if layout.size:
             emb = torch.stack([(uncond if k == "uncond" else cond)[b] for (b, k) in layout.rows])
             with torch.no_grad():
-                out, gathered = model.unet_forward_controlled(latents.index_select(0, row_branch), t, emb, plan.step(i))
+                out, gathered = model.unet_forward_controlled(
+                    latents.index_select(0, row_branch), timesteps[i], emb, plan.step(i)
+                )
             calls, forwards = calls + 1, forwards + layout.size
             if gathered is not None:
                 maps = maps + gathered

@@ -226,7 +226,8 @@ def loop_run_with(editor, inv, control, on_step):
     method = get_method(inv.method)
     model = editor.model
     program = method.program(model, inv, [TGT], 7.5, True)
-    program = control.prepare(model, program, inv.source_prompt, [TGT])
+    if control is not None:
+        program = control.prepare(model, program, inv.source_prompt, [TGT])
     context = EditContext(inv.source_prompt, (TGT,), method.control_defaults)
     return loop.run(model, program, control, context, on_step=on_step)
 
@@ -358,3 +359,64 @@ def test_pie_bench_preset_edits(editor_v, inv_v):
 
 def test_controllers_are_exported_at_top_level():
     assert pyinv.P2P is P2P and pyinv.MasaCtrl is MasaCtrl and pyinv.PnP is PnP and pyinv.LocalBlend is LocalBlend
+
+
+# ---------------------------------------------------------------------- no device syncs per step
+class _DeviceReads(torch.overrides.TorchFunctionMode):
+    """Counts the tensor reads that make the host wait for the device (``item``, ``bool``,
+    ``tolist``, ``cpu``, …). On a CPU machine every tensor is a host tensor, so any such read
+    inside the step loop would be a synchronisation on a GPU."""
+
+    READS = {
+        torch.Tensor.item,
+        torch.Tensor.__bool__,
+        torch.Tensor.__float__,
+        torch.Tensor.__int__,
+        torch.Tensor.tolist,
+        torch.Tensor.cpu,
+        torch.Tensor.numpy,
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.reads.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "method, make",
+    [
+        ("direct", lambda: P2P(blend=LocalBlend("ball", "cube", threshold=0.97), reweight={"cube": 2.0})),
+        ("direct", lambda: MasaCtrl(start_step=1)),
+        ("direct", lambda: PnP()),
+        ("direct", lambda: None),
+        ("null-text", lambda: P2P()),
+        ("edit-friendly", lambda: P2P(blend=("ball", "cube"))),
+    ],
+)
+def test_no_device_reads_between_steps(editor, image, method, make):
+    """From the end of the first step to the end of the edit, the loop, the plan and the
+    processors read nothing back from the device."""
+    options = {"inner_steps": 2} if method == "null-text" else {}
+    inv = editor.invert(image, SRC, method=method, steps=6, seed=0, **options)
+    control = make()
+    mode = _DeviceReads()
+    first = get_method(method).program(editor.model, inv, [TGT], 7.5, True).first_step
+
+    def after_first(i, latents):
+        if i == first:
+            mode.__enter__()
+
+    with torch.no_grad():
+        try:
+            loop_run_with(editor, inv, control, after_first)
+        finally:
+            mode.__exit__(None, None, None)
+    assert mode.reads == []
+    with mode:  # the counter sees a read when there is one
+        bool(torch.ones(1).any())
+    assert mode.reads == ["__bool__"]
