@@ -4,8 +4,11 @@ A method describes its edit as an :class:`EditProgram`: the branches (optional s
 first, then one per target prompt), their start latents, per-step embeddings and
 guidance, and the per-step corrections (Direct Inversion's pin or offsets, EF-DDPM's
 noise maps). The driver decides the UNet batch from what the program and the controller
-need, calls the UNet once per step, and applies CFG + step + correction with the fused
-step op (:func:`pyinv.ops.guided_step`).
+need (:class:`BatchLayout`), has the controller plan the edit's control for that layout
+(:meth:`~pyinv.control.base.Controller.plan`), calls the UNet once per step with the step's
+control, and applies CFG + step + correction (+ LocalBlend's mask) with the fused step op
+(:func:`pyinv.ops.guided_step`). The edit's state (latents, LocalBlend's map sum, counts)
+lives in :func:`run` alone.
 
 Batch rows per step: for each branch, an unconditional pass when its guidance ≠ 1
 (and it is stepped), and a conditional pass; a *pinned* source branch is not stepped
@@ -21,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ops
-from .control.base import BatchLayout, Controller, NoControl
+from .control.base import Controller, EditContext, NoControl
 from .schedule import Schedule, guided, split_prediction
 
 #: A per-step tensor: the same for every step, or a function of the step index.
@@ -85,6 +88,29 @@ class EditProgram:
         return self.has_source and self.source_pin is not None and not self.source_offsets
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """Which branch and which pass each row of the UNet batch is (:func:`plan_layout`).
+
+    ``rows[r] = (branch, kind)`` with kind ``"uncond"`` or ``"cond"``; branch 0 is the
+    source when ``has_source``. Unconditional rows come first, as in diffusers.
+    """
+
+    rows: tuple[tuple[int, str], ...]
+    num_branches: int
+    has_source: bool
+
+    def row_of(self, branch: int, kind: str) -> int | None:
+        for r, row in enumerate(self.rows):
+            if row == (branch, kind):
+                return r
+        return None
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+
 @dataclass
 class LoopResult:
     """Final latents ``(B, C, h, w)`` (fp32) and what the loop spent."""
@@ -120,14 +146,25 @@ def run(
     model,
     program: EditProgram,
     controller: Controller | None = None,
+    context: EditContext | None = None,
     progress: bool = False,
     desc: str = "edit",
     keep_trajectory: bool = False,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> LoopResult:
-    """Sample ``program`` to level 0 with ``controller`` installed; see the module docstring."""
+    """Sample ``program`` to level 0 under ``controller``'s plan; see the module docstring.
+
+    The controller plans the edit's control once (``controller.plan``, for ``context``: the
+    prompts and the method's reference values); each step's UNet call gets the plan's step
+    control and returns, besides the model output, the word maps LocalBlend sums. Nothing is
+    kept outside this call: the model is not changed and the controller is only read.
+    ``on_step(i, latents)`` is told the latents after each step.
+    """
     controller = controller or NoControl()
+    context = context or EditContext("", ())
     schedule = program.schedule
     layout = plan_layout(program, controller)
+    plan = controller.plan(model, program, layout, context)
     B = program.num_branches
     n = schedule.num_steps
     device = model.device
@@ -141,68 +178,71 @@ def run(
     if program.source_pinned:
         pin_mask = torch.zeros(B, dtype=torch.bool, device=device)
         pin_mask[0] = True
-    calls0, forwards0 = model.unet_calls, model.unet_image_forwards
+    maps = None
+    if plan.maps_shape is not None:  # LocalBlend's running sum, a tensor from the start (0 + maps = maps)
+        maps = torch.zeros(plan.maps_shape, device=device, dtype=torch.float32)
+    calls = forwards = 0
     trajectory = [latents.clone()] if keep_trajectory else []
+    # the timesteps on the device once: a per-step host-to-device copy would wait for the device
+    timesteps = torch.tensor([int(t) for t in schedule.timesteps], dtype=torch.int64, device=device)
+    alphas = {i: schedule.step_alphas(i) for i in range(program.first_step, n)}  # host numbers, once
 
-    controller.install(model, layout, program)
-    try:
-        steps = range(program.first_step, n)
-        for i in tqdm(steps, desc=desc, disable=not progress, leave=False):
-            t, a_t, a_s = schedule.step_alphas(i)
-            controller.begin_step(i, t)
-            uncond, cond = _at(program.uncond, i).to(device), _at(program.cond, i).to(device)
-            if layout.size:
-                emb = torch.stack([(uncond if k == "uncond" else cond)[b] for (b, k) in layout.rows])
-                with torch.no_grad():
-                    out = model.unet_forward(latents.index_select(0, row_branch), t, emb)
-                out_c, out_u = out.index_select(0, cond_index), out.index_select(0, uncond_index)
-            else:  # only a pinned source without passes: nothing to run
-                out_c = out_u = torch.zeros_like(latents)
-            blend = controller.blend_mask(i)
-            noise = sigma = None
-            if program.sigmas is not None:
-                sigma = program.sigmas[i]
-                noise = _at(program.noise, i).to(device=device, dtype=model.latent_dtype)
-                if noise.ndim == latents.ndim - 1:
-                    noise = noise.unsqueeze(0).expand_as(latents)
-                if program.noise_adjust is not None:
-                    x0 = _x0(out_u, out_c, guidance, latents, a_t, v_pred)
-                    noise = program.noise_adjust(i, x0, noise)
-            offset = pin = None
-            if program.has_source and program.source_pin is not None:
-                target = program.source_pin[n - 1 - i].to(device=device, dtype=model.latent_dtype)
-                if program.source_offsets:  # o_i from this call's own source outputs (EditProgram)
-                    stepped = ops.guided_step(latents[:1], out_u[:1], out_c[:1], guidance[:1], a_t, a_s, v_pred)
-                    offset = torch.zeros_like(latents)
-                    offset[0] = target - stepped[0]
-                else:
-                    pin = target.unsqueeze(0).expand_as(latents)
-            latents = ops.guided_step(
-                latents,
-                out_u,
-                out_c,
-                guidance,
-                a_t,
-                a_s,
-                v_pred,
-                sigma=sigma or 0.0,
-                noise=noise,
-                offset=offset,
-                pin=pin,
-                pin_mask=pin_mask,
-                blend_mask=blend,
-            )
-            latents = controller.after_step(i, latents)
-            if keep_trajectory:
-                trajectory.append(latents.clone())
-    finally:
-        controller.remove(model)
+    for i in tqdm(range(program.first_step, n), desc=desc, disable=not progress, leave=False):
+        t, a_t, a_s = alphas[i]
+        uncond, cond = _at(program.uncond, i).to(device), _at(program.cond, i).to(device)
+        if layout.size:
+            emb = torch.stack([(uncond if k == "uncond" else cond)[b] for (b, k) in layout.rows])
+            with torch.no_grad():
+                out, gathered = model.unet_forward_controlled(
+                    latents.index_select(0, row_branch), timesteps[i], emb, plan.step(i)
+                )
+            calls, forwards = calls + 1, forwards + layout.size
+            if gathered is not None:
+                maps = maps + gathered
+            out_c, out_u = out.index_select(0, cond_index), out.index_select(0, uncond_index)
+        else:  # only a pinned source without passes: nothing to run
+            out_c = out_u = torch.zeros_like(latents)
+        blend = plan.blend_mask(i, maps)
+        noise = sigma = None
+        if program.sigmas is not None:
+            sigma = program.sigmas[i]
+            noise = _at(program.noise, i).to(device=device, dtype=model.latent_dtype)
+            if noise.ndim == latents.ndim - 1:
+                noise = noise.unsqueeze(0).expand_as(latents)
+            if program.noise_adjust is not None:
+                x0 = _x0(out_u, out_c, guidance, latents, a_t, v_pred)
+                noise = program.noise_adjust(i, x0, noise)
+        offset = pin = None
+        if program.has_source and program.source_pin is not None:
+            target = program.source_pin[n - 1 - i].to(device=device, dtype=model.latent_dtype)
+            if program.source_offsets:  # o_i from this call's own source outputs (EditProgram)
+                stepped = ops.guided_step(latents[:1], out_u[:1], out_c[:1], guidance[:1], a_t, a_s, v_pred)
+                offset = torch.zeros_like(latents)
+                offset[0] = target - stepped[0]
+            else:
+                pin = target.unsqueeze(0).expand_as(latents)
+        latents = ops.guided_step(
+            latents,
+            out_u,
+            out_c,
+            guidance,
+            a_t,
+            a_s,
+            v_pred,
+            sigma=sigma or 0.0,
+            noise=noise,
+            offset=offset,
+            pin=pin,
+            pin_mask=pin_mask,
+            blend_mask=blend,
+        )
+        latents = plan.after_step(i, latents)
+        if on_step is not None:
+            on_step(i, latents)
+        if keep_trajectory:
+            trajectory.append(latents.clone())
     return LoopResult(
-        latents=latents,
-        unet_calls=model.unet_calls - calls0,
-        unet_image_forwards=model.unet_image_forwards - forwards0,
-        layout=layout,
-        trajectory=trajectory,
+        latents=latents, unet_calls=calls, unet_image_forwards=forwards, layout=layout, trajectory=trajectory
     )
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .checks import check_text
+from .control.attention import ControlCall, control_scope, install_control
 from .errors import PyinvError
 from .presets import PRESETS
 
@@ -123,6 +124,10 @@ class DiffusionModel:
     unet_image_forwards: int = 0
     _fp32_unet: torch.nn.Module | None = field(default=None, repr=False)
 
+    def __post_init__(self):
+        # the stateless control processors and hooks, once per UNet (pyinv.control.attention)
+        install_control(self.unet)
+
     # ------------------------------------------------------------------ properties
     @property
     def prediction_type(self) -> str:
@@ -215,11 +220,29 @@ class DiffusionModel:
     def unet_forward(self, latents: torch.Tensor, t: int, embeddings: torch.Tensor) -> torch.Tensor:
         """One batched UNet call: ``(R, C, h, w)`` latents at timestep ``t`` with ``(R, L, D)``
         embeddings → float32 model output ``(R, C, h, w)``. Counts calls and image-forwards."""
+        return self.unet_forward_controlled(latents, t, embeddings, None)[0]
+
+    def unet_forward_controlled(
+        self, latents: torch.Tensor, t: int, embeddings: torch.Tensor, control
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`unet_forward` under ``control`` (a :class:`~pyinv.control.base.StepControl`
+        or ``None``): the model output and the word maps ``(1 + T, n)`` the call gathered
+        (``None`` when it gathered none). The control goes in with the call
+        (``cross_attention_kwargs``), so concurrent calls on one model do not meet."""
         self.unet_calls += 1
         self.unet_image_forwards += latents.shape[0]
         sample, text = latents.to(self.dtype), embeddings.to(self.dtype)
-        out = self.unet(sample, _timestep(t, latents.device), encoder_hidden_states=text, return_dict=False)[0]
-        return out.to(self.latent_dtype)
+        timestep = _timestep(t, latents.device)
+        if control is None:
+            out = self.unet(sample, timestep, encoder_hidden_states=text, return_dict=False)[0]
+            return out.to(self.latent_dtype), None
+        call = ControlCall(control)
+        with control_scope(call):
+            kwargs = {"control": call}
+            out = self.unet(
+                sample, timestep, encoder_hidden_states=text, cross_attention_kwargs=kwargs, return_dict=False
+            )
+        return out[0].to(self.latent_dtype), call.gathered()
 
     def fp32_unet(self) -> torch.nn.Module:
         """The UNet in float32 (a cached copy when the model runs in half precision).

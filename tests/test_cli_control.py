@@ -31,13 +31,13 @@ def image_path(tmp_path_factory) -> str:
 def forwards(monkeypatch) -> list[int]:
     """Counts UNet image-forwards of the run (to show a mistake was caught before any)."""
     seen: list[int] = []
-    original = DiffusionModel.unet_forward
+    original = DiffusionModel.unet_forward_controlled
 
     def counting(self, latents, *args, **kwargs):
         seen.append(latents.shape[0])
         return original(self, latents, *args, **kwargs)
 
-    monkeypatch.setattr(DiffusionModel, "unet_forward", counting)
+    monkeypatch.setattr(DiffusionModel, "unet_forward_controlled", counting)
     return seen
 
 

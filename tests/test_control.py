@@ -11,8 +11,11 @@ import torch
 from control_reference import ExplicitMasaCtrl, ExplicitP2P, ExplicitPnP
 
 import pyinv
-from pyinv import P2P, LocalBlend, MasaCtrl, PnP
+from pyinv import P2P, LocalBlend, MasaCtrl, PnP, loop
+from pyinv.control.attention import ControlledAttention, controlled_modules
+from pyinv.control.base import EditContext
 from pyinv.errors import PyinvError
+from pyinv.inversion import get_method
 
 SRC = "a photo of a red ball"
 TGT = "a photo of a blue cube"
@@ -84,16 +87,22 @@ def test_graph_static_mode_gives_the_same_edit(editor64, inv64):
 
 
 def test_local_blend_keeps_the_source_outside_the_mask(editor_v, inv_v):
-    control = P2P(blend=LocalBlend("ball", "cube", threshold=0.97))
     masks = []
-    original = control.blend_mask
 
-    def spy(step):
-        mask = original(step)
-        masks.append(mask)
-        return mask
+    class Spy(P2P):
+        def plan(self, *args):
+            plan = super().plan(*args)
+            original = plan.blend_mask
 
-    control.blend_mask = spy
+            def spy(i, maps):
+                mask = original(i, maps)
+                masks.append(mask)
+                return mask
+
+            plan.blend_mask = spy
+            return plan
+
+    control = Spy(blend=LocalBlend("ball", "cube", threshold=0.97))
     out = editor_v.edit(inv_v, TGT, control=control, with_source=True)
     assert masks[0] is None and masks[-1] is not None  # blending starts at int(0.2·N)
     assert sum(m is None for m in masks) == int(0.2 * STEPS)
@@ -190,37 +199,61 @@ def test_edict_refuses_attention_control(editor, image):
         editor.edit(inv, TGT, control=P2P())
 
 
-# ---------------------------------------------------------------------- install / remove
-def _hooks(unet) -> int:
-    return sum(len(m._forward_hooks) for m in unet.modules())
-
-
-def test_processors_and_hooks_are_restored(editor, inv_v, image):
+# ---------------------------------------------------------------------- the model does not change
+def test_the_model_is_the_same_before_during_and_after_edits(editor, image):
+    """Processors and hooks are installed once per model; an edit (any controller) changes
+    neither, at any step."""
     unet = editor.model.unet
-    before = dict(unet.attn_processors)
-    hooks = _hooks(unet)
+    before, hooks = controlled_modules(unet)
+    assert all(isinstance(p, ControlledAttention) for p in before.values())
     inv = editor.invert(image, SRC, method="direct", steps=4)
+    seen = []
+
+    def check(i, latents):
+        now, count = controlled_modules(unet)
+        seen.append(count == hooks and all(now[name] is proc for name, proc in before.items()))
+
     for control in (P2P(blend=("ball", "cube")), MasaCtrl(start_step=1), PnP()):
         editor.edit(inv, TGT, control=control)
-        after = unet.attn_processors
-        assert all(after[name] is proc for name, proc in before.items())
-        assert _hooks(unet) == hooks
+        loop_run_with(editor, inv, control, check)
+    after, count = controlled_modules(unet)
+    assert seen and all(seen)
+    assert count == hooks and all(after[name] is proc for name, proc in before.items())
 
 
-def test_processors_are_restored_when_an_edit_fails(editor, image):
+def loop_run_with(editor, inv, control, on_step):
+    """Run ``control``'s edit of ``inv`` through the loop with ``on_step`` told every step."""
+    method = get_method(inv.method)
+    model = editor.model
+    program = method.program(model, inv, [TGT], 7.5, True)
+    if control is not None:
+        program = control.prepare(model, program, inv.source_prompt, [TGT])
+    context = EditContext(inv.source_prompt, (TGT,), method.control_defaults)
+    return loop.run(model, program, control, context, on_step=on_step)
+
+
+def test_a_failing_edit_leaves_the_model_as_it_was(editor, image):
     class Boom(PnP):
-        def begin_step(self, step, timestep):
-            super().begin_step(step, timestep)
-            if step == 2:
-                raise RuntimeError("boom")
+        def plan(self, *args):
+            plan = super().plan(*args)
+            step = plan.step
+
+            def failing(i):
+                if i == 2:
+                    raise RuntimeError("boom")
+                return step(i)
+
+            plan.step = failing
+            return plan
 
     unet = editor.model.unet
-    before = dict(unet.attn_processors)
+    before, hooks = controlled_modules(unet)
     inv = editor.invert(image, SRC, method="direct", steps=4)
     with pytest.raises(RuntimeError, match="boom"):
         editor.edit(inv, TGT, control=Boom())
-    assert all(unet.attn_processors[name] is proc for name, proc in before.items())
-    assert _hooks(unet) == 0
+    after, count = controlled_modules(unet)
+    assert count == hooks and all(after[name] is proc for name, proc in before.items())
+    assert torch.equal(editor.edit(inv, TGT, control=PnP()).latents, editor.edit(inv, TGT, control=PnP()).latents)
 
 
 def test_a_controller_object_can_be_reused(editor64, inv64):
@@ -246,11 +279,17 @@ def _live_tensor_bytes() -> int:
 
 
 class _Census(P2P):
-    """P2P that records the bytes of all live tensors after every step."""
+    """P2P whose plan records the bytes of all live tensors after every step."""
 
-    def after_step(self, step, latents):
-        self.census.append(_live_tensor_bytes())
-        return latents
+    def plan(self, *args):
+        plan = super().plan(*args)
+
+        def after_step(i, latents):
+            self.census.append(_live_tensor_bytes())
+            return latents
+
+        plan.after_step = after_step
+        return plan
 
 
 def test_nothing_accumulates_per_step_or_outlives_the_edit(editor, image):
@@ -320,3 +359,64 @@ def test_pie_bench_preset_edits(editor_v, inv_v):
 
 def test_controllers_are_exported_at_top_level():
     assert pyinv.P2P is P2P and pyinv.MasaCtrl is MasaCtrl and pyinv.PnP is PnP and pyinv.LocalBlend is LocalBlend
+
+
+# ---------------------------------------------------------------------- no device syncs per step
+class _DeviceReads(torch.overrides.TorchFunctionMode):
+    """Counts the tensor reads that make the host wait for the device (``item``, ``bool``,
+    ``tolist``, ``cpu``, …). On a CPU machine every tensor is a host tensor, so any such read
+    inside the step loop would be a synchronisation on a GPU."""
+
+    READS = {
+        torch.Tensor.item,
+        torch.Tensor.__bool__,
+        torch.Tensor.__float__,
+        torch.Tensor.__int__,
+        torch.Tensor.tolist,
+        torch.Tensor.cpu,
+        torch.Tensor.numpy,
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.reads.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "method, make",
+    [
+        ("direct", lambda: P2P(blend=LocalBlend("ball", "cube", threshold=0.97), reweight={"cube": 2.0})),
+        ("direct", lambda: MasaCtrl(start_step=1)),
+        ("direct", lambda: PnP()),
+        ("direct", lambda: None),
+        ("null-text", lambda: P2P()),
+        ("edit-friendly", lambda: P2P(blend=("ball", "cube"))),
+    ],
+)
+def test_no_device_reads_between_steps(editor, image, method, make):
+    """From the end of the first step to the end of the edit, the loop, the plan and the
+    processors read nothing back from the device."""
+    options = {"inner_steps": 2} if method == "null-text" else {}
+    inv = editor.invert(image, SRC, method=method, steps=6, seed=0, **options)
+    control = make()
+    mode = _DeviceReads()
+    first = get_method(method).program(editor.model, inv, [TGT], 7.5, True).first_step
+
+    def after_first(i, latents):
+        if i == first:
+            mode.__enter__()
+
+    with torch.no_grad():
+        try:
+            loop_run_with(editor, inv, control, after_first)
+        finally:
+            mode.__exit__(None, None, None)
+    assert mode.reads == []
+    with mode:  # the counter sees a read when there is one
+        bool(torch.ones(1).any())
+    assert mode.reads == ["__bool__"]

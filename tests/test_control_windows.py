@@ -25,34 +25,50 @@ SOURCE, TARGET = "a photo of a red ball", "a photo of a blue ball"
 
 
 class Recorder:
-    """Mixin: records, per sampling step the loop runs, what the controller had active."""
+    """Mixin: records, per sampling step the loop runs, which of the controller's terms the
+    step's control applies (``terms``), and keeps the edit's plan."""
 
-    def begin_step(self, step: int, timestep: int) -> None:
-        super().begin_step(step, timestep)
+    terms: tuple[str, ...] = ()
+
+    def plan(self, *args):
+        plan = super().plan(*args)
+        step = plan.step
         self.log = getattr(self, "log", [])
-        self.log.append((step, self.state()))
+        self.last_plan = plan
+
+        def recorded(i):
+            control = step(i)
+            self.log.append((i, {term: term in control.active for term in self.terms}))
+            return control
+
+        plan.step = recorded
+        return plan
 
 
 class P2PRec(Recorder, P2P):
-    def state(self):
-        return {"self": self.self_active, "cross": self.cross_active}
+    terms = ("self", "cross")
 
 
 class PnPRec(Recorder, PnP):
-    def state(self):
-        return {"features": self.features_active, "attention": self.attention_active}
+    terms = ("features", "attention")
 
 
 class MasaRec(Recorder, MasaCtrl):
-    def state(self):
-        return {"masa": self.active}
+    terms = ("masa",)
 
 
 class BlendRec(P2P):
-    def blend_mask(self, step: int):
-        mask = super().blend_mask(step)
-        self.blended = getattr(self, "blended", []) + [step] * (mask is not None)
-        return mask
+    def plan(self, *args):
+        plan = super().plan(*args)
+        mask_of = plan.blend_mask
+
+        def recorded(i, maps):
+            mask = mask_of(i, maps)
+            self.blended = getattr(self, "blended", []) + [i] * (mask is not None)
+            return mask
+
+        plan.blend_mask = recorded
+        return plan
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +126,14 @@ def test_p2p_default_windows_follow_the_method(editor, image, ef_inv):
     editor.edit(ef_inv, TARGET, control=c, skip=0)
     assert steps_with(c.log, "self") == list(range(int(0.2 * STEPS)))
     assert steps_with(c.log, "cross") == list(range(int(0.6 * (STEPS + 1))))
-    assert c.self_max_tokens == 16 * 16
+    assert c.last_plan.self_max_tokens == 16 * 16
     direct = editor.invert(image, SOURCE, method="direct", steps=STEPS)
     editor.edit(direct, TARGET, control=c)  # the same controller object, another method
     assert c.log[-STEPS:] == [
         (s, {"self": s < int(DEFAULT_SELF_REPLACE * STEPS), "cross": s < int(DEFAULT_CROSS_REPLACE * (STEPS + 1))})
         for s in range(STEPS)
     ]
-    assert c.self_max_tokens == SELF_REPLACE_MAX_TOKENS
+    assert c.last_plan.self_max_tokens == SELF_REPLACE_MAX_TOKENS
     c = P2PRec(cross_replace=0.8, self_replace=0.4)
     editor.edit(ef_inv, TARGET, control=c, skip=0)
     assert steps_with(c.log, "self") == list(range(4))

@@ -5,7 +5,7 @@ import torch
 from conftest import rel_err
 
 from pyinv import P2P, LocalBlend
-from pyinv.control import Controller
+from pyinv.control import Controller, ControlPlan
 from pyinv.errors import PyinvError
 
 SRC = "a photo of a red ball"
@@ -19,7 +19,12 @@ class BlendTowardSource(Controller):
 
     reads_source = frozenset({"cond"})
 
-    def after_step(self, step, latents):
+    def plan(self, model, program, layout, context):
+        return TowardSource()
+
+
+class TowardSource(ControlPlan):
+    def after_step(self, i, latents):
         latents = latents.clone()
         latents[1:] = 0.5 * (latents[1:] + latents[:1])
         return latents

@@ -1,4 +1,5 @@
-"""Attention controllers for editing. :class:`Controller` is the interface the loop drives.
+"""Attention controllers for editing. A :class:`Controller` plans an edit's control as data
+(:class:`ControlPlan`); the processors of :mod:`pyinv.control.attention` apply it.
 
 - :class:`P2P` (with :class:`LocalBlend`): Prompt-to-Prompt replace / refine / reweight.
 - :class:`MasaCtrl`: mutual self-attention.
@@ -8,7 +9,7 @@
 and builds them, for the command line, the benchmarks and ``Editor.edit(control=...)``.
 """
 
-from .base import Controller, NoControl
+from .base import Controller, ControlPlan, ControlRule, EditContext, NoControl, StepControl
 from .masactrl import MasaCtrl
 from .p2p import P2P, LocalBlend
 from .pnp import PnP
@@ -31,13 +32,17 @@ __all__ = [
     "CONTROL_NAMES",
     "DEFAULT_CONTROL",
     "KINDS",
+    "P2P",
     "ControlKind",
+    "ControlPlan",
+    "ControlRule",
     "Controller",
+    "EditContext",
     "LocalBlend",
     "MasaCtrl",
     "NoControl",
-    "P2P",
     "PnP",
+    "StepControl",
     "benchmark_controller",
     "build_controller",
     "get_control",

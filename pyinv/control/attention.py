@@ -1,21 +1,36 @@
-"""Attention layers of a UNet, and the attention processor controllers install.
+"""The UNet's attention layers, and the stateless processors control runs through.
 
-Controllers are attached only through diffusers' public attention-processor API
-(``unet.attn_processors`` / ``unet.set_attn_processor``): a layer a controller touches
-gets a :class:`ControlledAttention` processor, every other layer keeps its own, and
-:func:`restore` puts the saved processors back.
+Control reaches the UNet only through diffusers' public APIs, installed once per model by
+:func:`install_control` and never changed afterwards:
 
-:class:`ControlledAttention` computes the same attention as diffusers'
-``AttnProcessor2_0`` (projections, heads, ``scaled_dot_product_attention``, output
-projection, residual and rescale), except that the step ``softmax(Q Kᵀ·s) V`` is handed to
-the controller as ``controller.attend(layer, q, k, v, scale)`` with ``q (R, H, n, d)``,
-``k, v (R, H, m, d)`` (R = UNet batch rows). The controller returns ``(R, H, n, d)``.
+- every attention layer gets a :class:`ControlledAttention` processor wrapping the layer's own
+  processor (``unet.set_attn_processor``);
+- every ResNet block's ``conv2`` gets a forward hook (:func:`_feature_hook`, PnP's feature
+  injection).
+
+Both are stateless. What a UNet call is to do comes with the call: a :class:`ControlCall`
+holding the step's :class:`~pyinv.control.base.StepControl` (the rule of the edit and the
+step's tensors) and a list the call's gathered outputs (LocalBlend's word maps) are appended
+to. The processors receive it as ``cross_attention_kwargs["control"]``; the hooks, whose
+modules are called without keyword arguments, read it from :func:`current_call`, which
+:func:`control_scope` sets for the duration of the call in the calling thread only. A call
+without control (inversion, prompt swap) runs every layer's own processor unchanged.
+
+:class:`ControlledAttention` computes the same attention as diffusers' ``AttnProcessor2_0``
+(projections, heads, ``scaled_dot_product_attention``, output projection, residual and
+rescale) on the layers the rule names, except that ``softmax(Q Kᵀ·s) V`` is the rule's
+``attend(name, q, k, v, scale, call)`` with ``q (R, H, n, d)``, ``k, v (R, H, m, d)``
+(R = UNet batch rows), which returns ``(R, H, n, d)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +41,8 @@ _NAME = re.compile(
     r"^(down_blocks|up_blocks|mid_block)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.(attn\d)"
 )
 _PART_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+#: modules whose ``conv2`` output a rule may replace (ResNet blocks of the UNet)
+_RESNET = re.compile(r"(^|\.)resnets\.\d+$")
 
 
 @dataclass(frozen=True)
@@ -95,12 +112,58 @@ def _is_cross(unet, module: str, which: str) -> bool:
     return bool(flag) if flag is not None else which != "attn1"
 
 
-class ControlledAttention:
-    """Attention processor that delegates ``softmax(QKᵀ·s)V`` to a controller (see module doc)."""
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(q kᵀ · scale) v`` on PyTorch's fused kernels (no map is materialised)."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
-    def __init__(self, controller, layer: AttentionLayer):
-        self.controller = controller
-        self.layer = layer
+
+# ---------------------------------------------------------------------- one call's control
+@dataclass
+class ControlCall:
+    """What one UNet call carries to the processors and hooks: the step's control and the
+    list the call's word maps ``(1 + T, n)`` are appended to (LocalBlend layers only)."""
+
+    step: object  # a pyinv.control.base.StepControl
+    maps: list[torch.Tensor] = field(default_factory=list)
+
+    def gathered(self) -> torch.Tensor | None:
+        """The call's word maps summed over layers (in execution order), or ``None``."""
+        if not self.maps:
+            return None
+        total = self.maps[0]
+        for m in self.maps[1:]:
+            total = total + m
+        return total
+
+
+_CURRENT = threading.local()
+
+
+def current_call() -> ControlCall | None:
+    """The control of the UNet call running in this thread (``None`` outside controlled calls)."""
+    return getattr(_CURRENT, "call", None)
+
+
+@contextlib.contextmanager
+def control_scope(call: ControlCall | None) -> Iterator[None]:
+    """Make ``call`` the :func:`current_call` of this thread for the block."""
+    previous = current_call()
+    _CURRENT.call = call
+    try:
+        yield
+    finally:
+        _CURRENT.call = previous
+
+
+# ---------------------------------------------------------------------- processors and hooks
+class ControlledAttention:
+    """Attention processor of one layer: the layer's own processor when the call's rule does
+    not name the layer, else the rule's attention (see the module docstring). Holds only the
+    layer's name and its own processor; the call's control comes in ``control``."""
+
+    def __init__(self, name: str, original):
+        self.name = name
+        self.original = original
 
     def __call__(
         self,
@@ -109,9 +172,12 @@ class ControlledAttention:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
-        *args,
+        control: ControlCall | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        rule = control.step.rule if control is not None else None
+        if rule is None or self.name not in rule.layers:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         if attention_mask is not None:
             raise PyinvError("attention control does not support attention masks")
         residual = hidden_states
@@ -139,7 +205,7 @@ class ControlledAttention:
             query = attn.norm_q(query)
         if getattr(attn, "norm_k", None) is not None:
             key = attn.norm_k(key)
-        out = self.controller.attend(self.layer, query, key, value, float(attn.scale))
+        out = rule.attend(self.name, query, key, value, float(attn.scale), control)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
@@ -150,26 +216,63 @@ class ControlledAttention:
         return out / attn.rescale_output_factor
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """``softmax(q kᵀ · scale) v`` on PyTorch's fused kernels (no map is materialised)."""
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+def _feature_hook(name: str, module, inputs, output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook on the ``conv2`` of ResNet block ``name``: the call's rule may replace the
+    block's residual-branch output (``None`` keeps it)."""
+    call = current_call()
+    rule = call.step.rule if call is not None else None
+    if rule is None or name not in rule.feature_modules:
+        return None
+    return rule.features(name, output, call)
 
 
-def install(unet, processors: dict) -> dict:
-    """Set the given processors (name → processor); returns the saved full mapping."""
-    saved = dict(unet.attn_processors)
-    if processors:
-        unet.set_attn_processor({name: processors.get(name, proc) for name, proc in saved.items()})
-    return saved
+_INSTALL_LOCK = threading.Lock()
 
 
-def restore(unet, saved: dict | None) -> None:
-    if saved:
-        unet.set_attn_processor(dict(saved))
+def feature_modules(unet) -> dict[str, torch.nn.Module]:
+    """ResNet blocks whose ``conv2`` output control may replace: name → ``conv2``."""
+    found = {}
+    for name, module in _unwrapped(unet).named_modules():
+        conv = getattr(module, "conv2", None)
+        if _RESNET.search(name) and isinstance(conv, torch.nn.Module):
+            found[name] = conv
+    return found
+
+
+def _unwrapped(unet):
+    """The UNet itself under a ``torch.compile`` wrapper (whose module names carry a prefix)."""
+    return getattr(unet, "_orig_mod", unet)
+
+
+def install_control(unet) -> None:
+    """Install the processors and hooks of the module docstring on ``unet``, once (a second
+    call, also on a ``torch.compile`` wrapper of the same UNet, changes nothing)."""
+    unet = _unwrapped(unet)
+    with _INSTALL_LOCK:
+        if getattr(unet, "_pyinv_control_installed", False):
+            return
+        processors = dict(unet.attn_processors)
+        if processors and not all(isinstance(p, ControlledAttention) for p in processors.values()):
+            unet.set_attn_processor(
+                {
+                    name: p if isinstance(p, ControlledAttention) else ControlledAttention(name, p)
+                    for name, p in processors.items()
+                }
+            )
+        for name, conv in feature_modules(unet).items():
+            conv.register_forward_hook(partial(_feature_hook, name))
+        unet._pyinv_control_installed = True
+
+
+def controlled_modules(unet) -> tuple[dict, int]:
+    """What :func:`install_control` put on ``unet``: the processors by name and the number of
+    forward hooks on the UNet's modules (to check that nothing changes during edits)."""
+    hooks = sum(len(m._forward_hooks) for m in _unwrapped(unet).modules())
+    return dict(unet.attn_processors), hooks
 
 
 class Rows:
-    """Where each branch's passes sit in the UNet batch (from a :class:`BatchLayout`).
+    """Where each branch's passes sit in the UNet batch (from a :class:`~pyinv.loop.BatchLayout`).
 
     Branch 0 is the source (``layout.has_source``); targets are numbered from 0 in branch
     order. Index tensors built here redirect target rows to source rows, which is how every
@@ -194,71 +297,24 @@ class Rows:
             raise PyinvError(f"the controller needs the source's {kind} pass, which this edit does not run")
         return row
 
-    def index(self, mapping: dict[str, str] | None) -> torch.Tensor:
-        """``(R,)`` row index: target rows of kind ``k`` → the source row of kind ``mapping[k]``;
-        all other rows (and every row when ``mapping`` is ``None``) → themselves."""
+    def index_list(self, mapping: dict[str, str] | None) -> list[int]:
+        """Row index: target rows of kind ``k`` → the source row of kind ``mapping[k]``; all
+        other rows (and every row when ``mapping`` is ``None``) → themselves."""
         idx = list(range(self.size))
         for kind, source_kind in (mapping or {}).items():
             for row, _ in self.targets[kind]:
                 idx[row] = self.source_row(source_kind)
-        return torch.tensor(idx, dtype=torch.long, device=self.device)
+        return idx
+
+    def per_step_index(self, mapping: dict[str, str], active: list[bool]) -> torch.Tensor:
+        """``(S, R)`` row indices, one per step: routed by ``mapping`` where ``active``, identity
+        elsewhere."""
+        routed, identity = self.index_list(mapping), self.index_list(None)
+        rows = [routed if on else identity for on in active]
+        return torch.tensor(rows, dtype=torch.long).reshape(len(active), self.size).to(self.device)
 
     def target_index(self, kind: str) -> torch.Tensor:
         return torch.tensor([r for r, _ in self.targets[kind]], dtype=torch.long, device=self.device)
 
     def target_numbers(self, kind: str) -> list[int]:
         return [t for _, t in self.targets[kind]]
-
-
-class AttentionController:
-    """Mixin base of the attention controllers: installs :class:`ControlledAttention` on
-    the layers :meth:`controlled_layers` picks and the forward hooks :meth:`forward_hooks`
-    returns, and keeps the batch rows (:class:`Rows`) and step bookkeeping.
-
-    ``graph_static=True`` computes every controlled term at every step (identity indices,
-    zero matrices outside the windows), so one UNet graph serves all steps, as a compiled or
-    exported UNet needs; the default skips work that is a no-op at a given step. A compiled
-    UNet guards on what the processors read, so in that mode the per-step tensors keep their
-    shapes, exist from the first step (never ``None`` first) and are never one tensor under
-    two names at one step and two tensors at another (dynamo guards on such aliasing).
-    """
-
-    graph_static: bool = False
-
-    def controlled_layers(self, layers: list[AttentionLayer]) -> list[AttentionLayer]:
-        return []
-
-    def forward_hooks(self, unet) -> list[tuple[torch.nn.Module, object]]:
-        return []
-
-    def attend(self, layer: AttentionLayer, q, k, v, scale: float) -> torch.Tensor:
-        return sdpa(q, k, v, scale)
-
-    def install(self, model, layout, program) -> None:
-        self.rows = Rows(layout, model.device)
-        self.num_steps = program.schedule.num_steps
-        self.first_step = program.first_step
-        self.latent_size = tuple(int(s) for s in program.start.shape[-2:])
-        chosen = self.controlled_layers(attention_layers(model.unet, self.latent_size))
-        self.install_state(model)
-        self._saved = install(model.unet, {layer.name: ControlledAttention(self, layer) for layer in chosen})
-        self._hooks = [module.register_forward_hook(fn) for module, fn in self.forward_hooks(model.unet)]
-
-    def install_state(self, model) -> None:
-        """Per-edit tensors that depend on the batch layout (called by :meth:`install`, after
-        :meth:`controlled_layers`)."""
-
-    def remove(self, model) -> None:
-        for handle in getattr(self, "_hooks", []):
-            handle.remove()
-        self._hooks = []
-        restore(model.unet, getattr(self, "_saved", None))
-        self._saved = None
-        self.clear_state()
-
-    def clear_state(self) -> None:
-        """Drop the edit's device and per-step tensors (``_``-prefixed). What :meth:`prepare`
-        built from the prompts (small CPU token maps) stays until the next edit."""
-        for name, value in list(vars(self).items()):
-            if name.startswith("_") and isinstance(value, torch.Tensor):
-                setattr(self, name, None)

@@ -8,7 +8,9 @@ conditional pass):
 
     out_tgt = SDPA(Q_tgt, K_src, V_src)
 
-Implemented as a row index on K and V, so it runs in the same fused attention call.
+Implemented as a row index on K and V, so it runs in the same fused attention call; the
+plan stacks the index over the calls (the identity before ``start_step`` where every step
+applies it, ``graph_static``).
 
 Steps count the UNet calls of the edit, as the reference does (its ``cur_step`` starts at 0
 when the editor is registered and advances once per UNet call, one per sampling step;
@@ -24,16 +26,17 @@ keys and values); it is made for non-rigid edits (pose, shape), not for colour c
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 
 from ..errors import PyinvError
-from .attention import AttentionController, AttentionLayer, attention_layers, sdpa
-from .base import Controller
+from .attention import AttentionLayer, Rows, attention_layers, sdpa
+from .base import Controller, ControlRule, EditContext, StepTable
 
 #: the reference's start layer, counted over SD 1.x's 16 self-attention layers
 REFERENCE_START_LAYER, REFERENCE_LAYERS = 10, 16
 
 
-class MasaCtrl(AttentionController, Controller):
+class MasaCtrl(Controller):
     """``MasaCtrl(start_step=4, start_layer=None)``.
 
     Args:
@@ -42,7 +45,7 @@ class MasaCtrl(AttentionController, Controller):
             ``None``: 10 on a model with 16 self-attention layers, else the same fraction
             of the model's layers (rounded).
         graph_static: compute the controlled attention every step (see
-            :class:`~pyinv.control.attention.AttentionController`).
+            :class:`~pyinv.control.base.Controller`).
     """
 
     reads_source = frozenset({"uncond", "cond"})
@@ -88,15 +91,28 @@ class MasaCtrl(AttentionController, Controller):
             )
         return [x for x in own if x.index >= start]
 
-    def install_state(self, model) -> None:
-        self._identity = self.rows.index(None)
-        self._source_kv = self.rows.index({"uncond": "uncond", "cond": "cond"})
+    def plan(self, model, program, layout, context: EditContext) -> StepTable:
+        """Per call: the K/V row index ``(R,)`` (targets → the source's pass of their half)."""
+        calls = program.schedule.num_steps - program.first_step
+        self._check_calls(calls)
+        size = tuple(int(s) for s in program.start.shape[-2:])
+        chosen = self.controlled_layers(attention_layers(model.unet, size))
+        rows = Rows(layout, model.device)
+        active = [k >= self.start_step for k in range(calls)]
+        routed = active if self.graph_static else [True] * calls
+        kv = rows.per_step_index({"uncond": "uncond", "cond": "cond"}, routed)
+        rule = MasaRule(layers=frozenset(x.name for x in chosen))
+        steps = [frozenset({"masa"}) if on else frozenset() for on in active]
+        return StepTable(rule, program.first_step, {"kv": kv}, {}, steps, frozenset({"masa"}), self.graph_static)
 
-    def begin_step(self, step: int, timestep: int) -> None:
-        self.active = step - self.first_step >= self.start_step
-        self._kv = self._source_kv if self.active else self._identity
 
-    def attend(self, layer: AttentionLayer, q, k, v, scale: float):
-        if not (self.graph_static or self.active):
+@dataclass(frozen=True, kw_only=True)
+class MasaRule(ControlRule):
+    """``out = SDPA(Q, K[kv], V[kv])`` on the controlled self-attention layers."""
+
+    def attend(self, name: str, q, k, v, scale: float, call):
+        step = call.step
+        if "masa" not in step.active:
             return sdpa(q, k, v, scale)
-        return sdpa(q, k.index_select(0, self._kv), v.index_select(0, self._kv), scale)
+        kv = step.inputs["kv"]
+        return sdpa(q, k.index_select(0, kv), v.index_select(0, kv), scale)

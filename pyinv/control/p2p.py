@@ -24,7 +24,11 @@ and decoder. As in the reference, the target's maps are taken after the edit, su
 heads, layers and all calls so far; the mask is max-pooled (3×3), nearest-upsampled to the
 latent size, divided by its maximum, thresholded, and united with the source's mask. From
 call ``int(start·N)`` on, the step op mixes ``z_tgt ← z_src + mask ⊙ (z_tgt − z_src)``.
-Only a running sum ``(1 + T, h·w)`` is kept across calls.
+Each UNet call returns its layers' maps summed, ``(1 + T, h·w)``, as an extra output; the loop
+keeps only their running sum across calls.
+
+The plan (:class:`P2PPlan`) builds every step's tensors before the first step: ``A``, ``b``
+and the self-attention row index stacked over the calls, and which terms each call applies.
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PyinvError
-from .attention import AttentionController, AttentionLayer, sdpa
-from .base import Controller
+from .attention import AttentionLayer, Rows, attention_layers, sdpa
+from .base import Controller, ControlRule, EditContext, StepTable
 from .words import check_window, refine_alignment, replace_mapper, window_alpha, word_weights
 
 EDITS = ("refine", "replace", "reweight")
@@ -87,7 +91,7 @@ class LocalBlend:
             raise PyinvError(f"blend resolution must be a positive integer, got {self.resolution!r}")
 
 
-class P2P(AttentionController, Controller):
+class P2P(Controller):
     """Prompt-to-Prompt: ``P2P(edit="refine", cross_replace=None, self_replace=None, reweight=None, blend=None)``.
 
     Args:
@@ -102,7 +106,7 @@ class P2P(AttentionController, Controller):
             0.2 with EF-DDPM.
         reweight: ``{word: scale}`` for target words (columns scaled, not renormalised).
         blend: a :class:`LocalBlend`, or ``(source_words, target_words)`` for its defaults.
-        graph_static: compute all terms every step (see :class:`AttentionController`).
+        graph_static: apply every term at every step (see :class:`~pyinv.control.base.Controller`).
 
     Windows count the calls of the edit, as the references' controllers do (``cur_step``
     starts at 0 at the first sampling step and advances once per step), in fractions of the
@@ -151,25 +155,20 @@ class P2P(AttentionController, Controller):
         self.reweight = dict(reweight or {})
         self.blend = blend
         self.graph_static = bool(graph_static)
-        self.method_defaults: dict = {}
 
-    def use_method_defaults(self, defaults: dict) -> None:
-        """Take the inversion method's P2P reference values (``defaults["p2p"]``: windows used
-        when none were given, ``self_max_tokens``) for the next edit."""
-        self.method_defaults = dict(defaults.get("p2p", {}))
-
-    @property
-    def windows(self) -> tuple:
-        """``(cross_replace, self_replace)`` of the next edit: as given, else the method's."""
-        d = self.method_defaults
+    def windows(self, defaults) -> tuple:
+        """``(cross_replace, self_replace)``: as given, else the inversion method's P2P reference
+        values ``defaults`` (``Method.control_defaults["p2p"]``), else P2P's own."""
+        d = defaults
         cross = self.cross_replace if self.cross_replace is not None else d.get("cross_replace", DEFAULT_CROSS_REPLACE)
         own = self.self_replace if self.self_replace is not None else d.get("self_replace", DEFAULT_SELF_REPLACE)
         return cross, own
 
-    @property
-    def self_max_tokens(self) -> int:
-        """Self-attention is replaced in layers with at most this many queries."""
-        return int(self.method_defaults.get("self_max_tokens", SELF_REPLACE_MAX_TOKENS))
+    @staticmethod
+    def self_max_tokens(defaults) -> int:
+        """Self-attention is replaced in layers with at most this many queries (the method's
+        ``defaults["self_max_tokens"]``, else 32²)."""
+        return int(defaults.get("self_max_tokens", SELF_REPLACE_MAX_TOKENS))
 
     @classmethod
     def pie_bench(
@@ -199,135 +198,197 @@ class P2P(AttentionController, Controller):
 
     # ------------------------------------------------------------------ per edit
     def check_prompts(self, model, source_prompt: str, targets: list[str], num_steps: int | None = None) -> None:
-        self._token_maps(model.tokenizer, source_prompt, targets, num_steps or 50)
+        self.token_maps(model.tokenizer, source_prompt, targets, num_steps or 50, {})
 
-    def prepare(self, model, program, source_prompt: str, targets: list[str]):
-        """Token maps, windows, equaliser and blend indicators for these prompts ``(T, L, …)``."""
-        self._token_maps(model.tokenizer, source_prompt, targets, program.schedule.num_steps)
-        return program
-
-    def _token_maps(self, tok, source_prompt: str, targets: list[str], n: int) -> None:
+    def token_maps(self, tok, source_prompt: str, targets: list[str], n: int, defaults) -> TokenMaps:
+        """The edit's token maps for these prompts and N = ``n`` steps (CPU, fp64, ``(T, L, …)``)."""
         length = int(tok.model_max_length)
         T = len(targets)
         base = torch.zeros(T, length, length, dtype=torch.float64)
         keep = torch.ones(T, length, dtype=torch.float64)  # α: weight of the source column
-        self.refine_index = torch.arange(length).repeat(T, 1)
+        refine_index = torch.arange(length).repeat(T, 1)
         for t, target in enumerate(targets):
             if self.edit == "replace":
                 base[t] = replace_mapper(tok, source_prompt, target, length)
             elif self.edit == "refine":
                 idx, alpha = refine_alignment(tok, source_prompt, target, length)
                 base[t, idx, torch.arange(length)] = 1.0
-                keep[t], self.refine_index[t] = alpha, idx
+                keep[t], refine_index[t] = alpha, idx
             else:
                 base[t] = torch.eye(length, dtype=torch.float64)
         eq = torch.stack(
             [word_weights(tok, target, self.reweight, length, base=1.0, what="reweight word") for target in targets]
         )
-        self.base, self.keep, self.eq = base, keep, eq
-        cross, own = self.windows
-        self.cross_alpha = window_alpha(tok, targets, n, cross, length)
+        cross, own = self.windows(defaults)
         s, e = check_window(own, "self_replace")
-        self.self_steps = (int(n * s), int(n * e))
+        maps = TokenMaps(
+            base, keep, eq, refine_index, window_alpha(tok, targets, n, cross, length), (int(n * s), int(n * e))
+        )
         if self.blend is not None:
             words = {w: 1.0 for w in self.blend.source_words}
-            self.blend_source = word_weights(tok, source_prompt, words, length, what="blend source word")
+            maps.blend_source = word_weights(tok, source_prompt, words, length, what="blend source word")
             words = {w: 1.0 for w in self.blend.target_words}
-            self.blend_targets = torch.stack(
+            maps.blend_targets = torch.stack(
                 [word_weights(tok, target, words, length, what="blend target word") for target in targets]
             )
-            self.blend_start = int(self.blend.start * n)
+            maps.blend_start = int(self.blend.start * n)
+        return maps
 
-    def controlled_layers(self, layers: list[AttentionLayer]) -> list[AttentionLayer]:
-        self.blend_layers: set[str] = set()
-        if self.blend is not None:
-            chosen = _blend_layers(layers, self.blend.resolution)
-            self.blend_layers = {layer.name for layer in chosen}
-            self.blend_size = chosen[0].size  # all chosen layers share it
-        self_replace = self.self_steps[1] > self.self_steps[0]
-        return [layer for layer in layers if layer.is_cross or (self_replace and layer.tokens <= self.self_max_tokens)]
+    def plan(self, model, program, layout, context: EditContext) -> P2PPlan:
+        """The edit's tables: per call ``k`` the key-mixing matrices ``A_k (T, L, L)``, the
+        vectors ``b_k (T, L)`` and their per-row form ``(R, L)`` (1 on rows that are not
+        targets), the self-attention row index ``(R,)``; the blend indicators; the active terms."""
+        defaults = context.method_defaults.get("p2p", {})
+        n = program.schedule.num_steps
+        maps = self.token_maps(model.tokenizer, context.source_prompt, list(context.targets), n, defaults)
+        return P2PPlan(self, model, program, layout, maps, self.self_max_tokens(defaults))
 
-    def install_state(self, model) -> None:
-        dev = model.device
-        rows = self.rows
-        self.source_cond = rows.source_row("cond")
-        self.target_cond = rows.target_index("cond")
-        order = rows.target_numbers("cond")
-        self._order = order
-        self._dtype = model.dtype
-        self._base, self._keep, self._eq = (x[order].to(dev) for x in (self.base, self.keep, self.eq))
-        self._alpha_steps = self.cross_alpha[:, order].to(dev)
-        self._identity = rows.index(None)
-        self._self_index = rows.index({"cond": "cond"})
-        if self.blend is not None:
-            self._blend_src = self.blend_source.to(dev)
-            self._blend_tgt = self.blend_targets[order].to(dev)
-            # the running sum of word maps (1 + T, h·w), a tensor from the start (0 + maps = maps)
-            self._blend_sum = torch.zeros(
-                1 + len(order), self.blend_size[0] * self.blend_size[1], device=dev, dtype=torch.float32
-            )
 
-    # ------------------------------------------------------------------ per step
-    def begin_step(self, step: int, timestep: int) -> None:
-        k = step - self.first_step  # calls so far in this edit
-        self.call = k
-        a = self._alpha_steps[min(k, self._alpha_steps.shape[0] - 1)]  # (T, L)
-        self._a = a
-        self.cross_active = bool(a.any())
-        coef = a * self._eq * self._keep
-        self._A = (self._base * coef[:, None, :]).to(self._dtype)  # (T, L, L)
-        self._b = (a * self._eq * (1.0 - self._keep) + (1.0 - a)).to(self._dtype)  # (T, L)
-        scale = torch.ones(self.rows.size, a.shape[-1], dtype=self._dtype, device=a.device)
-        self._key_scale = scale.index_copy(0, self.target_cond, self._b)
-        self.self_active = self.self_steps[0] <= k < self.self_steps[1]
-        self._step_self_index = self._self_index if self.self_active else self._identity
+@dataclass
+class TokenMaps:
+    """Per-edit token maps (CPU): ``base (T, L, L)`` (replace mapper, refine selection or I),
+    ``keep (T, L)`` (refine's α), ``eq (T, L)`` (equaliser), ``refine_index (T, L)``,
+    ``cross_alpha (N+1, T, L)`` (cross window per call), ``self_steps`` (self window, calls),
+    and LocalBlend's ``blend_source (L,)``, ``blend_targets (T, L)``, ``blend_start`` (call)."""
 
-    def attend(self, layer: AttentionLayer, q, k, v, scale: float) -> torch.Tensor:
-        if not layer.is_cross:
-            if not (self.graph_static or self.self_active):
+    base: torch.Tensor
+    keep: torch.Tensor
+    eq: torch.Tensor
+    refine_index: torch.Tensor
+    cross_alpha: torch.Tensor
+    self_steps: tuple[int, int]
+    blend_source: torch.Tensor | None = None
+    blend_targets: torch.Tensor | None = None
+    blend_start: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class P2PRule(ControlRule):
+    """P2P's attention on the layers it controls (see the module docstring).
+
+    ``layers``: the self-attention layers in ``self_layers`` (replaced in the self window)
+    and every cross-attention layer; ``map_layers``: the cross-attention layers whose word
+    maps LocalBlend sums; ``source_cond``: the source's conditional row.
+    """
+
+    self_layers: frozenset[str]
+    map_layers: frozenset[str]
+    source_cond: int
+
+    def attend(self, name: str, q, k, v, scale: float, call) -> torch.Tensor:
+        step = call.step
+        x = step.inputs
+        if name in self.self_layers:
+            if "self" not in step.active:
                 return sdpa(q, k, v, scale)
-            idx = self._step_self_index
+            idx = x["self_qk"]
             return sdpa(q.index_select(0, idx), k.index_select(0, idx), v, scale)
-        edit = self.graph_static or self.cross_active
+        edit = "cross" in step.active
+        targets = x["targets"]
         if edit:
-            out = sdpa(q, k, v * self._key_scale[:, None, :, None], scale)
-            from_source = self._from_source(q, k, v.index_select(0, self.target_cond), scale)
-            out = out.index_add(0, self.target_cond, from_source)
+            out = sdpa(q, k, v * x["key_scale"][:, None, :, None], scale)
+            from_source = self.from_source(q, k, v.index_select(0, targets), x["mix"], scale)
+            out = out.index_add(0, targets, from_source)
         else:
             out = sdpa(q, k, v, scale)
-        if layer.name in self.blend_layers:
-            self._accumulate_maps(q, k, scale, edit)
+        if name in self.map_layers:
+            call.maps.append(self.word_maps(q, k, scale, x, edit))
         return out
 
-    def _from_source(self, q, k, values, scale: float) -> torch.Tensor:
+    def from_source(self, q, k, values, mix, scale: float) -> torch.Tensor:
         """``SDPA(Q_src, K_src, A_t · values_t)`` for every target ``t``: ``(T, H, n, ·)``."""
         T = values.shape[0]
         s = self.source_cond
         qs = q[s : s + 1].expand(T, -1, -1, -1)
         ks = k[s : s + 1].expand(T, -1, -1, -1)
-        return sdpa(qs, ks, torch.matmul(self._A[:, None], values), scale)
+        return sdpa(qs, ks, torch.matmul(mix[:, None], values), scale)
 
-    def _accumulate_maps(self, q, k, scale: float, edited: bool) -> None:
-        """Add this layer's word maps (summed over heads) to the running sum ``(1 + T, n)``."""
+    def word_maps(self, q, k, scale: float, x, edited: bool) -> torch.Tensor:
+        """This layer's word maps summed over heads, ``(1 + T, n)`` float32: the source's, then
+        each target's after the edit."""
         heads = q.shape[1]
-        s, tc = self.source_cond, self.target_cond
+        s, tc = self.source_cond, x["targets"]
         dt = q.dtype
-        e_src = self._blend_src.to(dt)[None, None, :, None].expand(1, heads, -1, -1)
-        e_tgt = self._blend_tgt.to(dt)[:, None, :, None].expand(-1, heads, -1, -1)  # (T, H, L, 1)
+        e_src = x["blend_source"].to(dt)[None, None, :, None].expand(1, heads, -1, -1)
+        e_tgt = x["blend_targets"].to(dt)[:, None, :, None].expand(-1, heads, -1, -1)  # (T, H, L, 1)
         src = sdpa(q[s : s + 1], k[s : s + 1], e_src, scale)
         q_t, k_t = q.index_select(0, tc), k.index_select(0, tc)
         if edited:
-            tgt = sdpa(q_t, k_t, e_tgt * self._b.to(dt)[:, None, :, None], scale)
-            tgt = tgt + self._from_source(q, k, e_tgt, scale)
+            tgt = sdpa(q_t, k_t, e_tgt * x["target_scale"].to(dt)[:, None, :, None], scale)
+            tgt = tgt + self.from_source(q, k, e_tgt, x["mix"], scale)
         else:
             tgt = sdpa(q_t, k_t, e_tgt, scale)
-        maps = torch.cat([src, tgt]).sum(1)[..., 0].float()  # (1 + T, n)
-        self._blend_sum = self._blend_sum + maps
+        return torch.cat([src, tgt]).sum(1)[..., 0].float()
 
-    def blend_mask(self, step: int) -> torch.Tensor | None:
-        if self.blend is None or step - self.first_step < self.blend_start:
+
+class P2PPlan(StepTable):
+    """P2P's tables for one edit (see :meth:`P2P.plan`); ``maps`` the edit's :class:`TokenMaps`."""
+
+    def __init__(self, control: P2P, model, program, layout, maps: TokenMaps, self_max_tokens: int):
+        dev, dtype = model.device, model.dtype
+        rows = Rows(layout, dev)
+        self.maps, self.self_max_tokens, self.edit = maps, self_max_tokens, control.edit
+        self.latent_size = tuple(int(s) for s in program.start.shape[-2:])
+        layers = attention_layers(model.unet, self.latent_size)
+        blend = control.blend
+        map_layers: list[AttentionLayer] = []
+        if blend is not None:
+            map_layers = _blend_layers(layers, blend.resolution)
+            self.blend_size = map_layers[0].size  # all chosen layers share it
+        s0, s1 = maps.self_steps
+        self_layers = [x for x in layers if not x.is_cross and s1 > s0 and x.tokens <= self_max_tokens]
+        cross_layers = [x for x in layers if x.is_cross]
+        rule = P2PRule(
+            layers=frozenset(x.name for x in self_layers + cross_layers),
+            self_layers=frozenset(x.name for x in self_layers),
+            map_layers=frozenset(x.name for x in map_layers),
+            source_cond=rows.source_row("cond"),
+        )
+        self.order = order = rows.target_numbers("cond")
+        self.target_cond = rows.target_index("cond")
+        first, n = program.first_step, program.schedule.num_steps
+        calls = n - first
+        # per call k: a_k (T, L), A_k = base · diag(a e α), b_k = a e (1 − α) + 1 − a
+        base, keep, eq = (x[order] for x in (maps.base, maps.keep, maps.eq))
+        last = maps.cross_alpha.shape[0] - 1
+        alpha = maps.cross_alpha[[min(k, last) for k in range(calls)]][:, order]  # (S, T, L)
+        self.alpha = alpha
+        coef = alpha * eq * keep
+        mix = base[None] * coef[:, :, None, :]  # (S, T, L, L)
+        target_scale = alpha * eq * (1.0 - keep) + (1.0 - alpha)  # (S, T, L)
+        key_scale = torch.ones(calls, rows.size, alpha.shape[-1], dtype=torch.float64)
+        key_scale[:, [r for r, _ in rows.targets["cond"]]] = target_scale
+        in_self = [s0 <= k < s1 for k in range(calls)]
+        active = []
+        for k in range(calls):
+            terms = {"maps"} if blend is not None else set()
+            if bool(alpha[k].any()):
+                terms.add("cross")
+            if in_self[k]:
+                terms.add("self")
+            active.append(frozenset(terms))
+        per_step = {
+            "mix": mix.to(dev, dtype),
+            "target_scale": target_scale.to(dev, dtype),
+            "key_scale": key_scale.to(dev, dtype),
+        }
+        if self_layers:
+            per_step["self_qk"] = rows.per_step_index(
+                {"cond": "cond"}, in_self if control.graph_static else [True] * calls
+            )
+        constant = {"targets": self.target_cond}
+        terms = frozenset({"cross", "self"} | ({"maps"} if blend is not None else set()))
+        if blend is not None:
+            constant["blend_source"] = maps.blend_source.to(dev)
+            constant["blend_targets"] = maps.blend_targets[order].to(dev)
+            self.maps_shape = (1 + len(order), self.blend_size[0] * self.blend_size[1])
+            self.blend_start, self.threshold = first + maps.blend_start, blend.threshold
+        super().__init__(rule, first, per_step, constant, active, terms, control.graph_static)
+
+    def blend_mask(self, i: int, maps: torch.Tensor | None) -> torch.Tensor | None:
+        if self.maps_shape is None or i < self.blend_start:
             return None
-        return blend_mask_from_maps(self._blend_sum, self.blend_size, self.latent_size, self.blend.threshold)
+        return blend_mask_from_maps(maps, self.blend_size, self.latent_size, self.threshold)
 
 
 def blend_mask_from_maps(maps: torch.Tensor, size: tuple[int, int], latent_size, threshold: float) -> torch.Tensor:

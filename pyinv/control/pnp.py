@@ -27,26 +27,28 @@ its words: on a closed-vocabulary model (the demo model, whose captions never ho
 unconditional embedding instead; a negative prompt given explicitly is always used. With
 plain DDIM inversion the source branch is the guidance-1 reconstruction with the source
 prompt, as in the reference.
-Both injections are row indices, so they stay inside the fused attention call and a
-forward hook on the public ``conv2`` module.
+Both injections are row indices, so they stay inside the fused attention call and the
+forward hook on the public ``conv2`` module (installed once per model); the plan stacks them
+over the steps (the identity outside the windows where every step applies them, ``graph_static``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import PyinvError
-from .attention import AttentionController, AttentionLayer, attention_layers, sdpa
-from .base import Controller
+from .attention import AttentionLayer, Rows, attention_layers, feature_modules, sdpa
+from .base import Controller, ControlRule, EditContext, StepTable
 from .words import check_window, unknown_words
 
 DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, black, low res, unrealistic"
 DEFAULT_FEATURE_LAYER = "up_blocks.1.resnets.1"
 
 
-class PnP(AttentionController, Controller):
+class PnP(Controller):
     """``PnP(feature_steps=0.8, attention_steps=0.5, feature_layer=None,
     attention_layers=None, negative_prompt="ugly, blurry, black, low res, unrealistic")``.
 
@@ -95,9 +97,6 @@ class PnP(AttentionController, Controller):
         self.controlled_layers(attention_layers(model.unet, (model.latent_size, model.latent_size)))
 
     def prepare(self, model, program, source_prompt: str, targets: list[str]):
-        n = program.schedule.num_steps
-        self.feature_until = int(n * self.feature_steps)
-        self.attention_until = int(n * self.attention_steps)
         _conv2(model.unet, self.resolved_feature_layer(model.unet))  # fails early with a clear error
         changes = {}
         negative = self.resolved_negative_prompt(model.tokenizer)
@@ -127,34 +126,53 @@ class PnP(AttentionController, Controller):
             raise PyinvError(f"PnP attention layer(s) {', '.join(missing)} are not self-attention layers of this UNet")
         return [by_module[name] for name in self.attention_layers]
 
-    def forward_hooks(self, unet):
-        return [(_conv2(unet, self.resolved_feature_layer(unet)), self._inject_features)]
-
     def resolved_feature_layer(self, unet) -> str:
         return self.feature_layer if self.feature_layer is not None else reference_feature_layer(unet)
 
-    def install_state(self, model) -> None:
-        self._identity = self.rows.index(None)
-        self._source = self.rows.index({"uncond": "uncond", "cond": "uncond"})
-        # the step's row indices: two buffers refilled in place, so they are never one tensor
-        # at some steps and two at others (a compiled UNet would guard on that aliasing)
-        self._features, self._qk = self._source.clone(), self._source.clone()
+    def plan(self, model, program, layout, context: EditContext) -> StepTable:
+        """Per schedule step: the feature and query/key row indices ``(R,)`` (every target row →
+        the source's unconditional row)."""
+        n, first = program.schedule.num_steps, program.first_step
+        feature_until, attention_until = int(n * self.feature_steps), int(n * self.attention_steps)
+        feature = self.resolved_feature_layer(model.unet)
+        _conv2(model.unet, feature)
+        size = tuple(int(s) for s in program.start.shape[-2:])
+        chosen = self.controlled_layers(attention_layers(model.unet, size))
+        rows = Rows(layout, model.device)
+        source = {"uncond": "uncond", "cond": "uncond"}
+        steps = range(first, n)
+        features, attention = [i < feature_until for i in steps], [i < attention_until for i in steps]
+        everywhere = [True] * len(steps)
+        per_step = {
+            "features": rows.per_step_index(source, features if self.graph_static else everywhere),
+            "qk": rows.per_step_index(source, attention if self.graph_static else everywhere),
+        }
+        active = [
+            frozenset({"features"} if f else set()) | frozenset({"attention"} if a else set())
+            for f, a in zip(features, attention, strict=True)
+        ]
+        rule = PnPRule(layers=frozenset(x.name for x in chosen), feature_modules=frozenset({feature}))
+        terms = frozenset({"features", "attention"})
+        return StepTable(rule, first, per_step, {}, active, terms, self.graph_static)
 
-    def begin_step(self, step: int, timestep: int) -> None:
-        self.features_active = step < self.feature_until
-        self.attention_active = step < self.attention_until
-        self._features.copy_(self._source if self.features_active else self._identity)
-        self._qk.copy_(self._source if self.attention_active else self._identity)
 
-    def _inject_features(self, module, inputs, output: torch.Tensor) -> torch.Tensor | None:
-        if not (self.graph_static or self.features_active):
-            return None
-        return output.index_select(0, self._features)
+@dataclass(frozen=True, kw_only=True)
+class PnPRule(ControlRule):
+    """``out = SDPA(Q[qk], K[qk], V)`` on the controlled self-attention layers and
+    ``h ← h[features]`` on the feature block's ``conv2`` output."""
 
-    def attend(self, layer: AttentionLayer, q, k, v, scale: float):
-        if not (self.graph_static or self.attention_active):
+    def attend(self, name: str, q, k, v, scale: float, call):
+        step = call.step
+        if "attention" not in step.active:
             return sdpa(q, k, v, scale)
-        return sdpa(q.index_select(0, self._qk), k.index_select(0, self._qk), v, scale)
+        qk = step.inputs["qk"]
+        return sdpa(q.index_select(0, qk), k.index_select(0, qk), v, scale)
+
+    def features(self, name: str, output: torch.Tensor, call) -> torch.Tensor | None:
+        step = call.step
+        if "features" not in step.active:
+            return None
+        return output.index_select(0, step.inputs["features"])
 
 
 def reference_feature_layer(unet) -> str:
@@ -175,8 +193,8 @@ def _conv2(unet, name: str) -> torch.nn.Module:
         block = unet.get_submodule(name)
     except AttributeError:
         raise PyinvError(f"PnP feature layer {name!r} is not a module of this UNet") from None
-    conv = getattr(block, "conv2", None)
-    if not isinstance(conv, torch.nn.Module):
+    conv = feature_modules(unet).get(name)
+    if conv is None or not isinstance(getattr(block, "conv2", None), torch.nn.Module):
         raise PyinvError(f"PnP feature layer {name!r} is not a ResNet block (it has no conv2)")
     return conv
 

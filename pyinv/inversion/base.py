@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import loop
-from ..control.base import Controller
+from ..control.base import Controller, EditContext
 from ..errors import PyinvError
 from ..schedule import SCHEDULE_MODES, Schedule, ddim_step, make_schedule
 from .record import Inversion
@@ -100,9 +100,9 @@ class Method:
         needs_source = with_source or bool(controller and controller.reads_source)
         program = self.program(model, inv, targets, guidance, needs_source, **options)
         if controller is not None:
-            controller.use_method_defaults(self.control_defaults)
             program = controller.prepare(model, program, inv.source_prompt, list(targets))
-        result = loop.run(model, program, controller, progress=progress, desc=f"edit ({self.name})")
+        context = EditContext(inv.source_prompt, tuple(targets), self.control_defaults)
+        result = loop.run(model, program, controller, context, progress=progress, desc=f"edit ({self.name})")
         lat = result.latents
         source = lat[:1] if program.has_source else None
         return EditOutput(

@@ -1,0 +1,75 @@
+"""Edits on one Editor at the same time: nothing in the shared model changes during an edit,
+so each thread's edit equals the same edit run alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from pyinv import P2P, LocalBlend, MasaCtrl, PnP
+
+SRC = "a photo of a red ball"
+STEPS = 8
+
+#: name → (controller factory, target prompt)
+JOBS = {
+    "p2p+blend": (
+        lambda: P2P(blend=LocalBlend("ball", "cube", threshold=0.97), reweight={"cube": 2.0}),
+        "a photo of a blue cube",
+    ),
+    "masactrl": (lambda: MasaCtrl(start_step=1), "a photo of a green ball"),
+    "pnp": (lambda: PnP(), "a photo of a red cube"),
+    "p2p-replace, two targets": (lambda: P2P(edit="replace"), ["a photo of a blue ball", "a photo of a red cube"]),
+}
+
+
+@pytest.fixture(scope="module")
+def inv(editor, image):
+    return editor.invert(image, SRC, method="direct", steps=STEPS)
+
+
+def _edit(editor, inv, name, control=None):
+    make, target = JOBS[name]
+    started = time.perf_counter()
+    out = editor.edit_latents(inv, target, control=control if control is not None else make())
+    return out, (started, time.perf_counter())
+
+
+@pytest.mark.parametrize("rounds", [2])
+def test_concurrent_edits_equal_the_same_edits_one_after_the_other(editor, inv, rounds):
+    alone = {name: _edit(editor, inv, name)[0] for name in JOBS}
+    barrier = threading.Barrier(len(JOBS))
+
+    def job(name):
+        barrier.wait()
+        return _edit(editor, inv, name)
+
+    for _ in range(rounds):
+        with ThreadPoolExecutor(len(JOBS)) as pool:
+            results = dict(zip(JOBS, pool.map(job, JOBS), strict=True))
+        spans = [span for _, span in results.values()]
+        assert max(s for s, _ in spans) < min(e for _, e in spans), "the edits did not run at the same time"
+        for name, (out, _) in results.items():
+            assert torch.equal(out.targets, alone[name].targets), name
+            assert out.unet_calls == alone[name].unet_calls == STEPS
+            assert out.unet_image_forwards == alone[name].unet_image_forwards
+            assert out.batch_rows == alone[name].batch_rows
+
+
+def test_one_controller_object_serves_concurrent_edits(editor, inv):
+    control = P2P(blend=LocalBlend("ball", "cube", threshold=0.97))
+    target = "a photo of a blue cube"
+    alone = editor.edit_latents(inv, target, control=control).targets
+    barrier = threading.Barrier(3)
+
+    def job(_):
+        barrier.wait()
+        return editor.edit_latents(inv, target, control=control).targets
+
+    with ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(job, range(3)))
+    assert all(torch.equal(out, alone) for out in outs)
