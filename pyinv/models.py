@@ -25,6 +25,7 @@ from .checks import check_text
 from .control.attention import ControlCall, control_scope, install_control
 from .errors import PyinvError
 from .presets import PRESETS
+from .text import tokenize
 
 DTYPES = {
     "fp32": torch.float32,
@@ -161,7 +162,8 @@ class DiffusionModel:
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """CLIP last hidden states of ``prompts`` padded to the tokenizer's max length, fp32."""
-        ids = self.tokenizer(
+        ids = tokenize(
+            self.tokenizer,
             list(prompts),
             padding="max_length",
             max_length=self.max_tokens,
@@ -179,7 +181,7 @@ class DiffusionModel:
 
     def token_count(self, prompt: str) -> int:
         """Number of tokens of ``prompt`` without the start/end tokens."""
-        return len(self.tokenizer(prompt, verbose=False).input_ids) - 2
+        return len(tokenize(self.tokenizer, prompt, verbose=False).input_ids) - 2
 
     def check_prompt_length(self, prompt: str, what: str = "prompt") -> str:
         """``prompt``, or a :class:`PyinvError` when it has more tokens than the text encoder

@@ -37,7 +37,7 @@ KNOBS = {
 
 #: the flags of each control, as the help lists them after the control's summary
 FLAG_HINTS = {
-    "p2p": '--edit refine|replace|reweight, --cross-replace,\n'
+    "p2p": "--edit refine|replace|reweight, --cross-replace,\n"
     '--self-replace, --reweight WORD=SCALE, --blend-words "SRC TGT"',
     "masactrl": "--masa-step, --masa-layer",
     "pnp": "--pnp-feature-steps, --pnp-attention-steps, --negative-prompt",

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import PyinvError
+from ..text import tokenize, vocabulary
 
 
 def normalise(word: str) -> str:
@@ -33,7 +34,7 @@ def normalise(word: str) -> str:
 
 def _count(tokenizer, text: str) -> int:
     """Number of tokens of ``text`` without the start/end tokens."""
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(tokenize(tokenizer, text, add_special_tokens=False)["input_ids"])
 
 
 def word_tokens(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
@@ -123,7 +124,7 @@ def replace_mapper(tokenizer, source: str, target: str, length: int) -> torch.Te
 
 
 def _ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, truncation=True, max_length=tokenizer.model_max_length)["input_ids"])
+    return list(tokenize(tokenizer, text, truncation=True, max_length=tokenizer.model_max_length)["input_ids"])
 
 
 def refine_alignment(tokenizer, source: str, target: str, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,7 +245,7 @@ def unknown_words(tokenizer, text: str) -> list[str]:
     whole token (``"red</w>"``); other words fall back to byte pieces the text encoder never
     saw in a caption. An open vocabulary (CLIP's) knows every word: ``[]``.
     """
-    vocab = tokenizer.get_vocab()
+    vocab = vocabulary(tokenizer)
     if len(vocab) > CLOSED_VOCABULARY_MAX:
         return []
     words = [normalise(w) for w in text.split()]
