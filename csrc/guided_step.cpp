@@ -1,4 +1,5 @@
-// CPU twin of pyinv/kernels/guided_step.py (the reference there is the source of truth).
+// The CPU kernel of pyinv::guided_step (pyinv/kernels/guided_step.py holds the reference,
+// the source of truth, and pyinv/ops.py the op's schema, fake implementation and autograd).
 //
 // For each batch row b with UNet outputs u_b, c_b at level ᾱ_t and guidance w_b:
 //   m_b  = u_b + w_b (c_b − u_b)
@@ -18,8 +19,8 @@
 // LocalBlend recomputes row 0's stepped value at the same offsets. The inner loops are
 // branch-free (the flags are template parameters) so the compiler vectorises them.
 //
-// Registered as the op pyinv::guided_step_cpp (CPU), which the Python implementation of
-// pyinv::guided_step (pyinv/ops.py) calls when the C++ implementation is chosen.
+// Registered as the CPU kernel of pyinv::guided_step; the setup.py build (module pyinv._C)
+// also exposes it as the plain function pyinv._C.guided_step, outside the dispatcher.
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -31,7 +32,6 @@
 
 #include "guided_step_args.h"
 #include "guided_step_kernel.cuh"
-#include "guided_step_schema.h"
 
 namespace pyinv_step {
 namespace {
@@ -118,7 +118,7 @@ at::Tensor guided_step_cpu(const at::Tensor& latents, const at::Tensor& out_unco
                            const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& offset,
                            const std::optional<at::Tensor>& pin, const std::optional<at::Tensor>& pin_mask,
                            const std::optional<at::Tensor>& blend_mask) {
-  constexpr const char* who = "pyinv::guided_step_cpp";
+  constexpr const char* who = "pyinv::guided_step (cpp)";
   TORCH_CHECK(latents.device().is_cpu(), who, ": latents must be a CPU tensor");
   Prepared r = prepare(who, latents, out_uncond, out_cond, guidance, alpha_t, alpha_s, v_prediction, sigma, noise,
                        offset, pin, pin_mask, blend_mask);
@@ -131,14 +131,18 @@ at::Tensor guided_step_cpu(const at::Tensor& latents, const at::Tensor& out_unco
 }  // namespace
 }  // namespace pyinv_step
 
-TORCH_LIBRARY_FRAGMENT(pyinv, m) { m.def("guided_step_cpp" PYINV_GUIDED_STEP_SCHEMA); }
+TORCH_LIBRARY_IMPL(pyinv, CPU, m) { m.impl("guided_step", &pyinv_step::guided_step_cpu); }
 
-TORCH_LIBRARY_IMPL(pyinv, CPU, m) { m.impl("guided_step_cpp", &pyinv_step::guided_step_cpu); }
-
-// Built by setup.py (which defines TORCH_EXTENSION_NAME): an importable module pyinv._C whose
-// import registers the kernel above. Built by CMake: a plain library for torch.ops.load_library.
+// Built by setup.py (which defines TORCH_EXTENSION_NAME): the importable module pyinv._C,
+// whose import registers the kernel above and which also exposes it as a plain function
+// for calling this implementation by name. Built by CMake: a plain library for
+// torch.ops.load_library, which only registers the kernel.
 #ifdef TORCH_EXTENSION_NAME
 #include <torch/extension.h>
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "pyinv compiled per-step ops (CPU)"; }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "pyinv compiled per-step ops (CPU)";
+  m.def("guided_step", &pyinv_step::guided_step_cpu, "The CPU kernel of pyinv::guided_step (same arguments)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+}
 #endif
