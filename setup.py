@@ -1,10 +1,12 @@
 """Build script. Package metadata lives in pyproject.toml.
 
-The compiled per-step ops (csrc/) are optional: the C++ CPU ops (``pyinv._C``) are built
-when ``PYINV_NO_EXT`` is not set and a compiler is present, the CUDA ops
-(``pyinv._C_cuda``) also need a CUDA build of torch and nvcc; any build failure is reported
-and skipped, so ``pip install -e .`` always works on a CPU-only machine without a compiler.
-Without an extension pyinv runs the Triton kernel (CUDA) or the plain-PyTorch reference.
+The compiled kernels of the per-step ops (csrc/) are optional: the C++ CPU kernel
+(``pyinv._C``) is built when ``PYINV_NO_EXT`` is not set and a compiler is present, the
+CUDA kernel (``pyinv._C_cuda``) also needs a CUDA build of torch and nvcc; any build failure
+is reported and skipped, so ``pip install -e .`` always works on a CPU-only machine without
+a compiler. Each module registers its kernel for the CPU or CUDA dispatch key of the op
+that ``pyinv.ops`` defines. Without an extension pyinv runs the Triton kernel (CUDA) or the
+plain-PyTorch reference.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ class OptionalBuildExt(_BuildExt):
 
 
 def extensions():
-    """``pyinv._C`` (the C++ CPU ops) whenever torch is importable, and ``pyinv._C_cuda``
-    (the CUDA ops) when torch is a CUDA build and nvcc is found (``CUDA_HOME``)."""
+    """``pyinv._C`` (the C++ CPU kernel) whenever torch is importable, and ``pyinv._C_cuda``
+    (the CUDA kernel) when torch is a CUDA build and nvcc is found (``CUDA_HOME``)."""
     if os.environ.get("PYINV_NO_EXT", "") not in ("", "0"):
         return []
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))

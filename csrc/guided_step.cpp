@@ -1,4 +1,5 @@
-// CPU twin of pyinv/kernels/guided_step.py (the reference there is the source of truth).
+// The CPU kernel of pyinv::guided_step (pyinv/kernels/guided_step.py holds the reference,
+// the source of truth, and pyinv/ops.py the op's schema, fake implementation and autograd).
 //
 // For each batch row b with UNet outputs u_b, c_b at level ᾱ_t and guidance w_b:
 //   m_b  = u_b + w_b (c_b − u_b)
@@ -10,12 +11,16 @@
 //
 // Shapes: latents, outputs, noise, offset, pin (B, C, H, W); guidance (B,); pin_mask (B,).
 // Math in fp32 for fp16/bf16/fp32 inputs (fp64 for fp64); the result is a new contiguous
-// tensor in latents' dtype. One pass: each task (a (b, channel) plane of H·W elements, in
-// chunks that stay in L1) reads its inputs once and writes once; with LocalBlend it
-// recomputes row 0's stepped value at the same offsets. The inner loops are branch-free
-// (flags are template parameters) so the compiler vectorises them. Registered as the op
-// pyinv::guided_step_cpp (CPU), which the Python implementation of pyinv::guided_step
-// (pyinv/ops.py) calls when the C++ implementation is chosen.
+// tensor in latents' dtype. The formulas are the per-element functions of
+// guided_step_kernel.cuh (step_element, with_noise, with_offset, blend_element), the
+// argument handling prepare() and step_args() of guided_step_args.h, both shared with the
+// CUDA kernel. One pass: at::parallel_for over the (b, channel) planes, each in chunks of
+// H·W elements that stay in L1; a chunk reads its inputs once and writes once, and with
+// LocalBlend recomputes row 0's stepped value at the same offsets. The inner loops are
+// branch-free (the flags are template parameters) so the compiler vectorises them.
+//
+// Registered as the CPU kernel of pyinv::guided_step; the setup.py build (module pyinv._C)
+// also exposes it as the plain function pyinv._C.guided_step, outside the dispatcher.
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -23,136 +28,85 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <optional>
-#include <vector>
 
 #include "guided_step_args.h"
-#include "guided_step_schema.h"
+#include "guided_step_kernel.cuh"
 
+namespace pyinv_step {
 namespace {
 
-template <typename A>
-struct Params {
-  A sqrt_at, sqrt_1m_at, sqrt_as, direction, sigma;
-  bool v_prediction;
-};
-
-// One row's input pointers (nullptr: the flag is off).
-template <typename T, typename A>
-struct Row {
-  const T* z;
-  const T* u;
-  const T* c;
-  const T* n;
-  const T* o;
-  const T* p;  // nullptr also when this row is not pinned
-  A w;
-};
-
-// Steps 1–4 for `len` elements into `dst` (math dtype A). The flags are template
-// parameters so that the loop is branch-free and the compiler vectorises it.
-template <typename T, typename A, bool V, bool HAS_NOISE, bool HAS_OFFSET>
-void step_chunk(const Row<T, A>& r, int64_t off, int64_t len, const Params<A>& P, A* __restrict__ dst) {
-  const T* __restrict__ zp = r.z + off;
-  const T* __restrict__ up = r.u + off;
-  const T* __restrict__ cp = r.c + off;
-  const T* __restrict__ np = HAS_NOISE ? r.n + off : nullptr;
-  const T* __restrict__ op = HAS_OFFSET ? r.o + off : nullptr;
-  const A w = r.w, sa = P.sqrt_at, sb = P.sqrt_1m_at, sas = P.sqrt_as, dir = P.direction, sigma = P.sigma;
+// Steps 1–4 of row b for row offsets [off, off + len) into `dst` (math dtype A). The flags
+// are template parameters so that the loop is branch-free and the compiler vectorises it.
+template <bool V, bool HAS_NOISE, bool HAS_OFFSET, typename T, typename A>
+void step_chunk(const StepArgs<T, A>& a, int64_t b, int64_t off, int64_t len, A* __restrict__ dst) {
+  const T* __restrict__ zp = a.z + b * a.sz + off;
+  const T* __restrict__ up = a.u + b * a.su + off;
+  const T* __restrict__ cp = a.c + b * a.sc + off;
+  const T* __restrict__ np = HAS_NOISE ? a.n + b * a.sn + off : nullptr;
+  const T* __restrict__ op = HAS_OFFSET ? a.o + b * a.so + off : nullptr;
+  const A w = a.w[b];
+  const Scalars<A> k = a.k;
   for (int64_t i = 0; i < len; ++i) {
-    const A z = static_cast<A>(zp[i]);
-    const A u = static_cast<A>(up[i]);
-    const A m = u + w * (static_cast<A>(cp[i]) - u);
-    A x0, eps;
-    if constexpr (V) {
-      x0 = sa * z - sb * m;
-      eps = sa * m + sb * z;
-    } else {
-      eps = m;
-      x0 = (z - sb * eps) / sa;
-    }
-    A out = sas * x0 + dir * eps;
-    if constexpr (HAS_NOISE) out = out + sigma * static_cast<A>(np[i]);
-    if constexpr (HAS_OFFSET) out = out + static_cast<A>(op[i]);
+    A out = step_element<V>(static_cast<A>(zp[i]), static_cast<A>(up[i]), static_cast<A>(cp[i]), w, k);
+    if constexpr (HAS_NOISE) out = with_noise(out, static_cast<A>(np[i]), k);
+    if constexpr (HAS_OFFSET) out = with_offset(out, static_cast<A>(op[i]));
     dst[i] = out;
   }
 }
 
-// z'_row at [off, off + len) into `dst`: the pinned value, or the step.
+// z'_b at row offsets [off, off + len) into `dst`: the pinned source, or the step.
 template <typename T, typename A>
-void row_chunk(const Row<T, A>& r, int64_t off, int64_t len, const Params<A>& P, A* __restrict__ dst) {
-  if (r.p) {
-    const T* __restrict__ pp = r.p + off;
+void row_chunk(const StepArgs<T, A>& a, bool v_prediction, int64_t b, int64_t off, int64_t len, A* __restrict__ dst) {
+  if (row_pinned(a, b)) {
+    const T* __restrict__ pp = a.p + b * a.sp + off;
     for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<A>(pp[i]);
     return;
   }
-  const int key = (P.v_prediction ? 4 : 0) | (r.n ? 2 : 0) | (r.o ? 1 : 0);
+  const int key = (v_prediction ? 4 : 0) | (a.n != nullptr ? 2 : 0) | (a.o != nullptr ? 1 : 0);
   switch (key) {
-    case 0: return step_chunk<T, A, false, false, false>(r, off, len, P, dst);
-    case 1: return step_chunk<T, A, false, false, true>(r, off, len, P, dst);
-    case 2: return step_chunk<T, A, false, true, false>(r, off, len, P, dst);
-    case 3: return step_chunk<T, A, false, true, true>(r, off, len, P, dst);
-    case 4: return step_chunk<T, A, true, false, false>(r, off, len, P, dst);
-    case 5: return step_chunk<T, A, true, false, true>(r, off, len, P, dst);
-    case 6: return step_chunk<T, A, true, true, false>(r, off, len, P, dst);
-    default: return step_chunk<T, A, true, true, true>(r, off, len, P, dst);
+    case 0: return step_chunk<false, false, false>(a, b, off, len, dst);
+    case 1: return step_chunk<false, false, true>(a, b, off, len, dst);
+    case 2: return step_chunk<false, true, false>(a, b, off, len, dst);
+    case 3: return step_chunk<false, true, true>(a, b, off, len, dst);
+    case 4: return step_chunk<true, false, false>(a, b, off, len, dst);
+    case 5: return step_chunk<true, false, true>(a, b, off, len, dst);
+    case 6: return step_chunk<true, true, false>(a, b, off, len, dst);
+    default: return step_chunk<true, true, true>(a, b, off, len, dst);
   }
 }
 
 // elements per chunk: two math-dtype buffers on the stack, small enough to stay in L1
 constexpr int64_t kChunk = 512;
 
-template <typename T, typename A>
-void run(pyinv_step::Prepared& r) {
-  at::Tensor& out = r.out;
-  const int64_t B = out.size(0), C = out.size(1), HW = out.size(2) * out.size(3);
-  const int64_t n_row = C * HW;
-  Params<A> P;
-  P.sqrt_at = static_cast<A>(r.sqrt_at);
-  P.sqrt_1m_at = static_cast<A>(r.sqrt_1m_at);
-  P.sqrt_as = static_cast<A>(r.sqrt_as);
-  P.direction = static_cast<A>(r.direction);
-  P.sigma = static_cast<A>(r.sigma);
-  P.v_prediction = r.v_prediction;
-  const A* w = r.w.const_data_ptr<A>();
-  const uint8_t* pinned = r.pinned.defined() ? r.pinned.const_data_ptr<uint8_t>() : nullptr;
-  auto ptr = [](const at::Tensor& t, int64_t b) { return t.defined() ? t.const_data_ptr<T>() + b * t.stride(0) : nullptr; };
-  auto row_of = [&](int64_t b) {
-    Row<T, A> row;
-    row.z = ptr(r.z, b), row.u = ptr(r.u, b), row.c = ptr(r.c, b), row.n = ptr(r.n, b), row.o = ptr(r.o, b);
-    row.p = pinned == nullptr || pinned[b] != 0 ? ptr(r.p, b) : nullptr;
-    row.w = w[b];
-    return row;
-  };
-  // the loops read the blend mask one (b, channel) plane at a time
-  const bool has_blend = r.blend.defined();
-  if (has_blend) {
+template <typename T>
+void run(Prepared& r) {
+  using A = at::opmath_type<T>;
+  const int64_t C = r.out.size(1), H = r.out.size(2), W = r.out.size(3), HW = H * W;
+  // the loops read the blend mask one (b, channel) plane at a time: each plane contiguous
+  if (r.blend.defined()) {
     const auto s = r.blend.strides();
-    if (!((s[3] == 1 || out.size(3) == 1) && (s[2] == out.size(3) || out.size(2) == 1))) r.blend = r.blend.contiguous();
+    if (!((s[3] == 1 || W == 1) && (s[2] == W || H == 1))) r.blend = r.blend.contiguous();
   }
-  const A* bm = has_blend ? r.blend.const_data_ptr<A>() : nullptr;
-  const int64_t bs0 = has_blend ? r.blend.stride(0) : 0, bs1 = has_blend ? r.blend.stride(1) : 0;
-  T* dst = out.data_ptr<T>();
+  const StepArgs<T, A> a = step_args<T, A>(r);
+  const bool v_prediction = r.v_prediction;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1));
-  at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, r.out.size(0) * C, grain, [&](int64_t begin, int64_t end) {
     alignas(64) A value[kChunk];
     alignas(64) A source[kChunk];
-    const Row<T, A> r0 = row_of(0);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t b = plane / C, ch = plane % C, off = ch * HW;
-      const Row<T, A> rb = row_of(b);
-      T* o = dst + b * n_row + off;
+      T* out = a.out + b * a.n_row + off;
       for (int64_t j = 0; j < HW; j += kChunk) {
         const int64_t len = std::min(kChunk, HW - j);
-        row_chunk(rb, off + j, len, P, value);
-        if (has_blend) {
+        row_chunk(a, v_prediction, b, off + j, len, value);
+        if (a.blend != nullptr) {
           // LocalBlend: row 0's stepped value at the same offsets, recomputed here
-          row_chunk(r0, off + j, len, P, source);
-          const A* __restrict__ m = bm + b * bs0 + ch * bs1 + j;
-          for (int64_t i = 0; i < len; ++i) value[i] = source[i] + m[i] * (value[i] - source[i]);
+          row_chunk(a, v_prediction, 0, off + j, len, source);
+          const A* __restrict__ m = a.blend + b * a.sb0 + ch * a.sb1 + j;
+          for (int64_t i = 0; i < len; ++i) value[i] = blend_element(source[i], value[i], m[i]);
         }
-        T* __restrict__ oj = o + j;
+        T* __restrict__ oj = out + j;
         for (int64_t i = 0; i < len; ++i) oj[i] = static_cast<T>(value[i]);
       }
     }
@@ -164,27 +118,31 @@ at::Tensor guided_step_cpu(const at::Tensor& latents, const at::Tensor& out_unco
                            const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& offset,
                            const std::optional<at::Tensor>& pin, const std::optional<at::Tensor>& pin_mask,
                            const std::optional<at::Tensor>& blend_mask) {
-  TORCH_CHECK(latents.device().is_cpu(), "pyinv::guided_step_cpp: latents must be a CPU tensor");
-  pyinv_step::Prepared r = pyinv_step::prepare("pyinv::guided_step_cpp", latents, out_uncond, out_cond, guidance,
-                                               alpha_t, alpha_s, v_prediction, sigma, noise, offset, pin, pin_mask,
-                                               blend_mask);
+  constexpr const char* who = "pyinv::guided_step (cpp)";
+  TORCH_CHECK(latents.device().is_cpu(), who, ": latents must be a CPU tensor");
+  Prepared r = prepare(who, latents, out_uncond, out_cond, guidance, alpha_t, alpha_s, v_prediction, sigma, noise,
+                       offset, pin, pin_mask, blend_mask);
   if (r.out.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.in, "pyinv_guided_step_cpu",
-                                    [&] { run<scalar_t, at::opmath_type<scalar_t>>(r); });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.in, "pyinv_guided_step_cpu", [&] { run<scalar_t>(r); });
   }
   return r.in == latents.scalar_type() ? r.out : r.out.to(latents.scalar_type());
 }
 
 }  // namespace
+}  // namespace pyinv_step
 
-TORCH_LIBRARY_FRAGMENT(pyinv, m) { m.def("guided_step_cpp" PYINV_GUIDED_STEP_SCHEMA); }
+TORCH_LIBRARY_IMPL(pyinv, CPU, m) { m.impl("guided_step", &pyinv_step::guided_step_cpu); }
 
-TORCH_LIBRARY_IMPL(pyinv, CPU, m) { m.impl("guided_step_cpp", &guided_step_cpu); }
-
-// Built by setup.py (which defines TORCH_EXTENSION_NAME): an importable module pyinv._C whose
-// import registers the kernel above. Built by CMake: a plain library for torch.ops.load_library.
+// Built by setup.py (which defines TORCH_EXTENSION_NAME): the importable module pyinv._C,
+// whose import registers the kernel above and which also exposes it as a plain function
+// for calling this implementation by name. Built by CMake: a plain library for
+// torch.ops.load_library, which only registers the kernel.
 #ifdef TORCH_EXTENSION_NAME
 #include <torch/extension.h>
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "pyinv compiled per-step ops (CPU)"; }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "pyinv compiled per-step ops (CPU)";
+  m.def("guided_step", &pyinv_step::guided_step_cpu, "The CPU kernel of pyinv::guided_step (same arguments)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+}
 #endif

@@ -1,13 +1,15 @@
-// CUDA twin of pyinv/kernels/guided_step.py (the reference there is the source of truth).
+// The CUDA kernel of pyinv::guided_step (pyinv/kernels/guided_step.py holds the reference,
+// the source of truth, and pyinv/ops.py the op's schema, fake implementation and autograd).
 //
-// The op pyinv::guided_step_cuda (same arguments as pyinv::guided_step, whose Python
-// implementation calls it when the CUDA implementation is chosen) runs the fused step in
-// one pass: each thread reads VEC consecutive elements of every map with one 128-bit load
+// One pass: each thread reads VEC consecutive elements of every map with one 128-bit load
 // per map (when the rows are 16-byte aligned and C·H·W % VEC == 0), computes in fp32 (fp64
 // for fp64), and writes its VEC results with one store; LocalBlend recomputes row 0's
-// stepped value at the same offsets instead of a second pass. The element-wise body is
-// guided_step_kernel.cuh (host-compilable and tested on the CPU), the argument handling
-// guided_step_args.h; this file adds the grid-stride launch and the registration.
+// stepped value at the same offsets instead of a second pass. The per-thread body and the
+// per-element formulas are guided_step_kernel.cuh (host-compilable: the CPU kernel uses the
+// same formulas, and the tests run the body on the CPU), the argument handling
+// guided_step_args.h; this file adds the grid-stride launch and the registration as the
+// CUDA kernel of pyinv::guided_step. The setup.py build (module pyinv._C_cuda) also
+// exposes it as the plain function pyinv._C_cuda.guided_step, outside the dispatcher.
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -21,7 +23,6 @@
 
 #include "guided_step_args.h"
 #include "guided_step_kernel.cuh"
-#include "guided_step_schema.h"
 
 namespace pyinv_step {
 namespace {
@@ -59,9 +60,10 @@ at::Tensor guided_step_cuda(const at::Tensor& latents, const at::Tensor& out_unc
                             const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& pin,
                             const std::optional<at::Tensor>& pin_mask,
                             const std::optional<at::Tensor>& blend_mask) {
-  TORCH_CHECK(latents.is_cuda(), "pyinv::guided_step_cuda: latents must be a CUDA tensor");
+  constexpr const char* who = "pyinv::guided_step (cuda)";
+  TORCH_CHECK(latents.is_cuda(), who, ": latents must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(latents.device());
-  Prepared r = prepare("pyinv::guided_step_cuda", latents, out_uncond, out_cond, guidance, alpha_t, alpha_s,
+  Prepared r = prepare(who, latents, out_uncond, out_cond, guidance, alpha_t, alpha_s,
                        v_prediction, sigma, noise, offset, pin, pin_mask, blend_mask);
   if (r.out.numel() > 0) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -74,15 +76,18 @@ at::Tensor guided_step_cuda(const at::Tensor& latents, const at::Tensor& out_unc
 }  // namespace
 }  // namespace pyinv_step
 
-TORCH_LIBRARY_FRAGMENT(pyinv, m) { m.def("guided_step_cuda" PYINV_GUIDED_STEP_SCHEMA); }
+TORCH_LIBRARY_IMPL(pyinv, CUDA, m) { m.impl("guided_step", &pyinv_step::guided_step_cuda); }
 
-TORCH_LIBRARY_IMPL(pyinv, CUDA, m) { m.impl("guided_step_cuda", &pyinv_step::guided_step_cuda); }
-
-// Built by setup.py (which defines TORCH_EXTENSION_NAME): an importable module
-// pyinv._C_cuda whose import registers the op. Built by CMake: a plain library for
-// torch.ops.load_library.
+// Built by setup.py (which defines TORCH_EXTENSION_NAME): the importable module
+// pyinv._C_cuda, whose import registers the kernel above and which also exposes it as a
+// plain function for calling this implementation by name. Built by CMake: a plain library
+// for torch.ops.load_library, which only registers the kernel.
 #ifdef TORCH_EXTENSION_NAME
 #include <torch/extension.h>
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "pyinv compiled per-step ops (CUDA)"; }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "pyinv compiled per-step ops (CUDA)";
+  m.def("guided_step", &pyinv_step::guided_step_cuda, "The CUDA kernel of pyinv::guided_step (same arguments)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+}
 #endif

@@ -1,7 +1,8 @@
-// Host-side preparation of one guided-step call for the kernel body in
-// guided_step_kernel.cuh: checks, dtype unification, row-contiguous views, the vector width,
-// and the StepArgs pointers. Shared by the CUDA launcher (guided_step.cu) and the host test
-// loop (tests/csrc/guided_step_host.cpp), so both run exactly the same argument handling.
+// Host-side preparation of one guided-step call for the kernels: checks, dtype
+// unification, row-contiguous views, the vector width, and the StepArgs pointers of
+// guided_step_kernel.cuh. Shared by the CPU kernel (guided_step.cpp), the CUDA launcher
+// (guided_step.cu) and the host test loop (tests/csrc/guided_step_host.cpp), so all of them
+// run exactly the same argument handling.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,7 +1,8 @@
-// The element-wise body of the CUDA guided step (csrc/guided_step.cu), written so that it
-// also compiles as plain C++: every function is C10_HOST_DEVICE, which is empty outside nvcc.
-// The test suite builds it into a host loop (tests/csrc/guided_step_host.cpp) and checks it
-// against the reference on the CPU; the CUDA file adds only the grid-stride launch.
+// The element-wise math of the guided step, shared by the CUDA kernel (csrc/guided_step.cu)
+// and the C++ CPU kernel (csrc/guided_step.cpp). Every function is C10_HOST_DEVICE:
+// `__host__ __device__` under nvcc, empty for a plain C++ compiler, so the same code builds
+// for both. The test suite also builds the CUDA kernel's per-thread body (step_vector) into a
+// host loop (tests/csrc/guided_step_host.cpp) and checks it against the reference on the CPU.
 //
 // For each batch row b with UNet outputs u_b, c_b at level ᾱ_t and guidance w_b
 // (pyinv/kernels/guided_step.py is the source of truth):
@@ -11,11 +12,13 @@
 //   z'_b = √ᾱ_s x̂0_b + √(max(1−ᾱ_s−σ², 0)) ε_b  [+ σ n_b]  [+ o_b]
 //   z'_b = p_b where row b is pinned
 //   LocalBlend: z'_b = z'_0 + m_b (z'_b − z'_0)
+// step_element, with_noise, with_offset and blend_element are these formulas for one
+// element, in the math dtype A (fp32, or fp64 for fp64 maps).
 //
 // Layout: every map is (B, C, H, W) with each row (b) one contiguous block of n_row = C·H·W
 // elements at a per-map row stride (0 for a map broadcast over the batch); the output is
 // contiguous. The blend mask (math dtype) is indexed through four strides, so any
-// broadcast of it costs no copy. A thread handles VEC consecutive elements of one row:
+// broadcast of it costs no copy. A CUDA thread handles VEC consecutive elements of one row:
 // VEC = 16 / sizeof(T) when every row start is 16-byte aligned and n_row % VEC == 0 (one
 // 128-bit load per map), else 1.
 #pragma once
@@ -57,6 +60,46 @@ struct StepArgs {
   Scalars<A> k;
 };
 
+// Steps 1–3 for one element (without the DDPM noise term): CFG, the split of the guided
+// prediction into x̂0 and ε (V: v-prediction, else ε-prediction), and the move to ᾱ_s.
+template <bool V, typename A>
+C10_HOST_DEVICE inline A step_element(A z, A u, A c, A w, const Scalars<A>& k) {
+  const A m = u + w * (c - u);
+  A x0, eps;
+  if (V) {
+    x0 = k.sqrt_at * z - k.sqrt_1m_at * m;
+    eps = k.sqrt_at * m + k.sqrt_1m_at * z;
+  } else {
+    eps = m;
+    x0 = (z - k.sqrt_1m_at * eps) / k.sqrt_at;
+  }
+  return k.sqrt_as * x0 + k.direction * eps;
+}
+
+// The DDPM noise term σ n.
+template <typename A>
+C10_HOST_DEVICE inline A with_noise(A out, A n, const Scalars<A>& k) {
+  return out + k.sigma * n;
+}
+
+// Direct Inversion's reference offset o.
+template <typename A>
+C10_HOST_DEVICE inline A with_offset(A out, A o) {
+  return out + o;
+}
+
+// LocalBlend: the source row's value where the mask is 0, the row's own where it is 1.
+template <typename A>
+C10_HOST_DEVICE inline A blend_element(A source, A value, A mask) {
+  return source + mask * (value - source);
+}
+
+// Whether row b takes the pinned source instead of the step.
+template <typename T, typename A>
+C10_HOST_DEVICE inline bool row_pinned(const StepArgs<T, A>& a, int64_t b) {
+  return a.p != nullptr && (a.pinned == nullptr || a.pinned[b] != 0);
+}
+
 // VEC elements of type T, aligned so that a load or store of one is a single instruction.
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
@@ -73,7 +116,7 @@ C10_HOST_DEVICE inline void load_vec(const T* ptr, A (&dst)[VEC]) {
 // z'_b at row offsets [j, j + VEC): the pinned source, or steps 1–4.
 template <int VEC, bool V, typename T, typename A>
 C10_HOST_DEVICE inline void stepped(const StepArgs<T, A>& a, int64_t b, int64_t j, A (&out)[VEC]) {
-  if (a.p != nullptr && (a.pinned == nullptr || a.pinned[b] != 0)) {
+  if (row_pinned(a, b)) {
     load_vec<VEC>(a.p + b * a.sp + j, out);
     return;
   }
@@ -84,29 +127,18 @@ C10_HOST_DEVICE inline void stepped(const StepArgs<T, A>& a, int64_t b, int64_t 
   const A w = a.w[b];
   const Scalars<A> k = a.k;
   PYINV_UNROLL
-  for (int i = 0; i < VEC; ++i) {
-    const A m = u[i] + w * (c[i] - u[i]);
-    A x0, eps;
-    if (V) {
-      x0 = k.sqrt_at * z[i] - k.sqrt_1m_at * m;
-      eps = k.sqrt_at * m + k.sqrt_1m_at * z[i];
-    } else {
-      eps = m;
-      x0 = (z[i] - k.sqrt_1m_at * eps) / k.sqrt_at;
-    }
-    out[i] = k.sqrt_as * x0 + k.direction * eps;
-  }
+  for (int i = 0; i < VEC; ++i) out[i] = step_element<V>(z[i], u[i], c[i], w, k);
   if (a.n != nullptr) {  // the flags are the same for every thread: no divergence
     A n[VEC];
     load_vec<VEC>(a.n + b * a.sn + j, n);
-  PYINV_UNROLL
-    for (int i = 0; i < VEC; ++i) out[i] = out[i] + k.sigma * n[i];
+    PYINV_UNROLL
+    for (int i = 0; i < VEC; ++i) out[i] = with_noise(out[i], n[i], k);
   }
   if (a.o != nullptr) {
     A o[VEC];
     load_vec<VEC>(a.o + b * a.so + j, o);
-  PYINV_UNROLL
-    for (int i = 0; i < VEC; ++i) out[i] = out[i] + o[i];
+    PYINV_UNROLL
+    for (int i = 0; i < VEC; ++i) out[i] = with_offset(out[i], o[i]);
   }
 }
 
@@ -122,15 +154,14 @@ C10_HOST_DEVICE inline void step_vector(const StepArgs<T, A>& a, int64_t v) {
     // LocalBlend mixes with row 0's stepped value: recomputed here at the same offsets.
     A src[VEC];
     stepped<VEC, V>(a, 0, j, src);
-  PYINV_UNROLL
+    PYINV_UNROLL
     for (int e = 0; e < VEC; ++e) {
       const int64_t jj = j + e;
       const int64_t ch = jj / a.hw;
       const int64_t rem = jj - ch * a.hw;
       const int64_t h = rem / a.width;
       const int64_t x = rem - h * a.width;
-      const A m = a.blend[b * a.sb0 + ch * a.sb1 + h * a.sb2 + x * a.sb3];
-      out[e] = src[e] + m * (out[e] - src[e]);
+      out[e] = blend_element(src[e], out[e], a.blend[b * a.sb0 + ch * a.sb1 + h * a.sb2 + x * a.sb3]);
     }
   }
   Pack<T, VEC> pack;

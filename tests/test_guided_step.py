@@ -349,6 +349,119 @@ def test_gpu_choice_is_the_faster_by_measurement(monkeypatch):
         with pytest.warns(UserWarning, match="cuda failed"):
             assert ops.active("cuda", sample=("args",)) == "triton"
     finally:
+        monkeypatch.undo()
+        ops.reset_dispatch()
+
+
+def _key_kernel(key: str) -> str:
+    """Where the kernel that serves ``pyinv::guided_step``'s dispatch key ``key`` was registered
+    (the dispatcher's table line, with ``/`` path separators)."""
+    table = torch._C._dispatch_dump_table("pyinv::guided_step")
+    return next(line for line in table.splitlines() if line.startswith(f"{key}:")).replace("\\", "/")
+
+
+def _full_args(args, kw) -> tuple:
+    """The op's 13 positional arguments from a :func:`make_case` case."""
+    names = ("noise", "offset", "pin", "pin_mask", "blend_mask")
+    return (*args, kw["v_prediction"], kw["sigma"], *(kw.get(k) for k in names))
+
+
+def test_one_op_and_one_schema_with_the_extensions_loaded():
+    """The compiled extensions add kernels for ``pyinv::guided_step``'s dispatch keys and
+    define no op of their own: one ``pyinv::guided_step*`` op, with the schema of ops.py."""
+    from pyinv import ops
+
+    loaded = [impl for impl in ops.EXTENSIONS if ops._extension_present(impl) and ops.load_extension(impl)]
+    names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("pyinv::"))
+    assert names == ["pyinv::guided_step"]
+    assert str(torch.ops.pyinv.guided_step.default._schema) == ops.OP_NAME + ops.GUIDED_STEP_SCHEMA
+    assert torch.ops.pyinv.guided_step.overloads() == ["default"]
+    for impl in loaded:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(ops.OP_NAME, ops.EXTENSIONS[impl][1]), impl
+
+
+@pytest.mark.skipif(not _cpp_built(), reason="pyinv._C not built")
+def test_cpu_key_kernel_is_the_cpp_kernel_and_matches_the_reference(monkeypatch):
+    """With ``cpp`` chosen the CPU key is served by the C++ kernel itself (held to the
+    tolerance rule through the op); with another implementation chosen, by the routing
+    kernel on top of it, and the C++ kernel again once ``cpp`` is chosen back."""
+    from pyinv import ops
+    from pyinv.kernels.guided_step import guided_step_reference
+
+    monkeypatch.delenv(ops.ENV_IMPL, raising=False)
+    try:
+        assert ops.load_extension("cpp")
+        ops.reset_dispatch()
+        assert ops.active("cpu") == "cpp"
+        assert "csrc/guided_step.cpp" in _key_kernel("CPU")
+        for dtype, v_pred, flags in itertools.product(("fp32", "bf16"), (False, True), FLAGS):
+            args, kw = make_case((3, 4, 7, 9), DTYPES[dtype], v_pred, flags)
+            op = lambda *a, **k: torch.ops.pyinv.guided_step(*_full_args(a, k))
+            err, err_ref, floor = errors(op, args, kw)
+            assert within_rule(err, err_ref, floor), (dtype, v_pred, flag_id(flags), err, err_ref, floor)
+        monkeypatch.setenv(ops.ENV_IMPL, "reference")
+        ops.reset_dispatch()
+        assert "pyinv/ops.py" in _key_kernel("CPU")
+        args, kw = make_case((3, 4, 7, 9), torch.float32, True, (True,) * 4)
+        full = _full_args(args, kw)
+        assert torch.equal(torch.ops.pyinv.guided_step(*full), guided_step_reference(*full))
+        monkeypatch.delenv(ops.ENV_IMPL)
+        ops.reset_dispatch()
+        assert "csrc/guided_step.cpp" in _key_kernel("CPU")
+    finally:
+        monkeypatch.undo()
+        ops.reset_dispatch()
+
+
+@pytest.mark.skipif(not _cpp_built(), reason="pyinv._C not built")
+def test_extension_imported_before_the_op_is_defined():
+    """``import pyinv._C`` before :mod:`pyinv.ops`: its CPU kernel waits for the op's
+    definition, and ops.py takes it into account (it serves the CPU key, ``cpp`` chosen)."""
+    script = """
+import torch, pyinv._C
+from pyinv import ops
+from pyinv.kernels.guided_step import guided_step_reference
+table = torch._C._dispatch_dump_table("pyinv::guided_step")
+line = next(l for l in table.splitlines() if l.startswith("CPU:")).replace("\\\\", "/")
+assert "csrc/guided_step.cpp" in line, line
+assert ops._ACTIVE == {"cpu": "cpp"}, ops._ACTIVE
+z = torch.randn(2, 3, 4, 5)
+args = (z, 0.5 * z, 0.2 * z, torch.tensor([1.0, 7.5]), 0.42, 0.71)
+assert torch.allclose(ops.guided_step(*args), guided_step_reference(*args), rtol=1e-6, atol=1e-6)
+"""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYINV_STEP_IMPL"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.skipif(not _cpp_built(), reason="pyinv._C not built")
+def test_routing_kernel_is_taken_off_only_outside_its_calls(monkeypatch):
+    """A choice made inside the routing kernel (here: an impossible override that left the
+    CPU choice open, then lifted) runs the C++ implementation through the routing kernel,
+    which stays on the key until the choice is settled outside it."""
+    from pyinv import ops
+
+    try:
+        assert ops.load_extension("cpp")
+        monkeypatch.setenv(ops.ENV_IMPL, "cuda")  # not possible on the CPU: no choice yet
+        ops.reset_dispatch()
+        assert "cpu" not in ops._ACTIVE and "pyinv/ops.py" in _key_kernel("CPU")
+        with pytest.raises(RuntimeError, match="runs on cuda only"):
+            ops.guided_step(*make_case((2, 3, 4, 5), torch.float32, False, (False,) * 4)[0])
+        monkeypatch.delenv(ops.ENV_IMPL)
+        args, kw = make_case((2, 3, 4, 5), torch.float32, False, (True,) * 4)
+        full = _full_args(args, kw)
+        out = torch.ops.pyinv.guided_step(*full)
+        assert ops._ACTIVE["cpu"] == "cpp" and "pyinv/ops.py" in _key_kernel("CPU")
+        assert torch.equal(out, ops.IMPLEMENTATIONS["guided_step"]["cpp"](*full))
+        assert ops.active("cpu") == "cpp" and "csrc/guided_step.cpp" in _key_kernel("CPU")
+        assert torch.equal(torch.ops.pyinv.guided_step(*full), out)
+    finally:
+        monkeypatch.undo()
         ops.reset_dispatch()
 
 

@@ -48,11 +48,17 @@ CSRC = ROOT / "csrc"
 
 @pytest.fixture(scope="module")
 def body(tmp_path_factory):
-    """``torch.ops.pyinv_test``: the CUDA body built for the CPU (skipped without a compiler)."""
+    """``torch.ops.pyinv_test``: the CUDA body built for the CPU (skipped without a compiler),
+    as the CPU kernel of ``pyinv_test::guided_step_cuda_body``, an op with the schema of
+    ``pyinv::guided_step``."""
     from torch.utils import cpp_extension
+
+    from pyinv.ops import GUIDED_STEP_SCHEMA
 
     if not cpp_extension.is_ninja_available():
         pytest.skip("ninja is needed to build the test extension")
+    lib = torch.library.Library("pyinv_test", "FRAGMENT")
+    lib.define("guided_step_cuda_body" + GUIDED_STEP_SCHEMA)
     build = tmp_path_factory.mktemp("cuda_body")
     cpp_extension.load(
         name="pyinv_cuda_body_test",
@@ -63,7 +69,8 @@ def body(tmp_path_factory):
         is_python_module=False,
         verbose=False,
     )
-    return torch.ops.pyinv_test
+    yield torch.ops.pyinv_test
+    lib._destroy()
 
 
 def _call(body):

@@ -6,7 +6,7 @@ For each batch row b (a branch), with UNet outputs ``u_b`` (unconditional) and `
 1. CFG:        ``m_b = u_b + w_b (c_b − u_b)``           (ε or v, whichever the UNet predicts)
 2. split:      ``x̂0_b, ε_b`` from ``m_b`` and ``z_b``     (see :func:`pyinv.schedule.split_prediction`)
 3. step:       DDIM ``z'_b = √ᾱ_s x̂0_b + √(1−ᾱ_s) ε_b``, or DDPM with ``σ`` and noise map ``n_b``:
-               ``z'_b = √ᾱ_s x̂0_b + √(1−ᾱ_s−σ²) ε_b + σ n_b``
+               ``z'_b = √ᾱ_s x̂0_b + √(max(1−ᾱ_s−σ², 0)) ε_b + σ n_b``
 4. correction: Direct Inversion, either ``z'_b += o_b`` (reference offsets) or
                ``z'_b = p_b`` where ``pin_mask_b`` (pinned source)
 5. blend:      LocalBlend, ``z'_b = z'_0 + m_b (z'_b − z'_0)`` with mask ``m (B, 1, H, W)``
@@ -16,12 +16,16 @@ Shapes: latents, outputs, noise, offset and pin ``(B, C, H, W)``; guidance ``(B,
 pin_mask ``(B,)`` bool. Math in fp32 whatever the input dtype; the result has the
 latents' dtype (float64 inputs keep float64 math).
 
-Implementations: :func:`guided_step_reference` (plain PyTorch, the source of truth) and
-:func:`guided_step_triton` (one Triton program per row ``b`` and block of ``C·H·W``
-elements: each element is read once and written once; with LocalBlend the program also
-recomputes row 0's stepped value at the same offsets, so no second pass is needed). The
-C++ CPU twin is ``csrc/guided_step.cpp``; :mod:`pyinv.ops` registers the custom op
-``pyinv::guided_step`` and chooses the implementation per device.
+Implementations here: :func:`guided_step_reference` (plain PyTorch, the source of truth;
+steps 1–3 are :mod:`pyinv.schedule`'s own functions, the ones the unfused loop and the
+inversions use) and :func:`guided_step_triton` (one Triton program per row ``b`` and block
+of ``C·H·W`` elements: each element is read once and written once; with LocalBlend the
+program also recomputes row 0's stepped value at the same offsets, so no second pass is
+needed). The compiled kernels are in ``csrc/``: ``guided_step.cpp`` (CPU) and
+``guided_step.cu`` (CUDA), both built on the per-element functions of
+``guided_step_kernel.cuh``. :mod:`pyinv.ops` defines the custom op ``pyinv::guided_step``
+(the compiled kernels serve its CPU and CUDA dispatch keys) and chooses the implementation
+per device type.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ..schedule import ddpm_mean, guided
 
 
 def guided_step_reference(
@@ -46,21 +52,15 @@ def guided_step_reference(
     pin_mask: torch.Tensor | None = None,
     blend_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain PyTorch reference of the fused guided step (see the module docstring)."""
+    """Plain PyTorch reference of the fused guided step (see the module docstring), built
+    from :mod:`pyinv.schedule`'s step math: :func:`~pyinv.schedule.guided` (CFG),
+    :func:`~pyinv.schedule.ddpm_mean` (the split into ``x̂0, ε`` and the move to ``ᾱ_s``,
+    ``√ᾱ_s x̂0 + √(max(1−ᾱ_s−σ², 0)) ε``: the DDIM step :func:`~pyinv.schedule.ddim_step`
+    when ``σ = 0``), then the noise term ``σ n``, the correction and the blend."""
     dt = torch.promote_types(latents.dtype, torch.float32)  # fp32 math for half inputs
     z = latents.to(dt)
-    u, c = out_uncond.to(dt), out_cond.to(dt)
-    w = guidance.to(dt).view(-1, *([1] * (z.ndim - 1)))
-    m = u + w * (c - u)
-    sa, sb = math.sqrt(alpha_t), math.sqrt(1.0 - alpha_t)
-    if v_prediction:
-        x0 = sa * z - sb * m
-        eps = sa * m + sb * z
-    else:
-        eps = m
-        x0 = (z - sb * eps) / sa
-    direction = math.sqrt(max(1.0 - alpha_s - sigma * sigma, 0.0))
-    out = math.sqrt(alpha_s) * x0 + direction * eps
+    m = guided(out_uncond.to(dt), out_cond.to(dt), guidance.to(dt))
+    out = ddpm_mean(m, z, alpha_t, alpha_s, sigma, "v_prediction" if v_prediction else "epsilon")
     if noise is not None and sigma > 0.0:
         out = out + sigma * noise.to(dt)
     if offset is not None:

@@ -1,7 +1,8 @@
 // Test build of the CUDA guided step's body on the CPU: the same argument handling
-// (csrc/guided_step_args.h) and element-wise code (csrc/guided_step_kernel.cuh) as
+// (csrc/guided_step_args.h) and per-thread code (csrc/guided_step_kernel.cuh) as
 // csrc/guided_step.cu, with the grid-stride launch replaced by a loop over the thread
-// indices. Registered as pyinv_test::guided_step_cuda_body for the CPU.
+// indices. Registered as the CPU kernel of pyinv_test::guided_step_cuda_body, an op of the
+// test namespace whose schema the test defines from pyinv.ops.GUIDED_STEP_SCHEMA.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -10,7 +11,6 @@
 
 #include "guided_step_args.h"
 #include "guided_step_kernel.cuh"
-#include "guided_step_schema.h"
 
 namespace {
 
@@ -42,8 +42,6 @@ at::Tensor guided_step_cuda_body(const at::Tensor& latents, const at::Tensor& ou
 }
 
 }  // namespace
-
-TORCH_LIBRARY(pyinv_test, m) { m.def("guided_step_cuda_body" PYINV_GUIDED_STEP_SCHEMA); }
 
 TORCH_LIBRARY_IMPL(pyinv_test, CPU, m) { m.impl("guided_step_cuda_body", &guided_step_cuda_body); }
 
