@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import PyinvError
+from ..fingerprint import fingerprints_match
 
 FORMAT_NAME = "pyinv.inversion"
 FORMAT_VERSION = 1
@@ -240,9 +241,9 @@ class Inversion:
             raise PyinvError(f"{label}: its schedule does not hold {self.num_steps} timesteps in [0, {train})")
 
     def check_model(self, model) -> None:
-        """Raise a clear error when this inversion was made with another model."""
-        from ..models import fingerprints_match
+        """Raise a clear error when this inversion was made with another model.
 
+        Uses the model's cached fingerprint: no device synchronisation per edit."""
         if not fingerprints_match(self.model, model.fingerprint()):
             raise PyinvError(
                 f"this inversion was made with model {self.model.get('name')!r}, "
