@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .argtypes import count_arg, guidance_arg, non_negative_int, positive_int, seed_arg, unit_float
+from .argtypes import count_arg, guidance_arg, positive_int, seed_arg
 from .checks import check_seed, check_text
 from .cli_control import CONTROL_EPILOG, add_control_args, controller_from_args
 from .errors import PyinvError
@@ -36,20 +36,14 @@ if TYPE_CHECKING:  # the heavy libraries load inside main(), where Ctrl-C is han
 PROG = "pyinv"
 DEFAULT_MODEL = "demo"
 DEFAULT_METHOD = "direct"
-FORMS = ("pinned", "offsets")
 
-#: Method options the command line exposes: API option name → flag.
-INVERT_FLAGS = {"form": "--form", "inner_steps": "--inner-steps"}
-EDIT_FLAGS = {"eta": "--eta", "skip": "--skip"}
-
-#: Arguments of ``pyinv edit`` that only make sense when an image is inverted in the same run.
+#: Arguments of ``pyinv edit`` that only make sense when an image is inverted in the same run
+#: (and the methods' inversion options: their flags come from :mod:`pyinv.inversion.options`).
 INVERT_ONLY = {
     "source": "--source",
     "method": "--method",
     "steps": "--steps",
     "schedule": "--schedule",
-    "form": "--form",
-    "inner_steps": "--inner-steps",
     "save_inversion": "--save-inversion",
     "inversion_guidance": "--inversion-guidance",
 }
@@ -90,6 +84,7 @@ def _add_model_args(p: argparse.ArgumentParser, model_help: str) -> None:
 
 
 def _add_invert_args(p: argparse.ArgumentParser) -> None:
+    from .inversion.options import add_arguments
     from .schedule import SCHEDULE_MODES
 
     g = p.add_argument_group("inversion")
@@ -105,21 +100,13 @@ def _add_invert_args(p: argparse.ArgumentParser) -> None:
         help="timestep spacing: reference (the papers' code: 981, 961, …, 1 for 50 steps), checkpoint (the "
         "model's own config), leading (980 … 0) or trailing (999 … 19); default: the method's",
     )
-    g.add_argument("--form", choices=FORMS, help="direct: pin the source branch (default) or use offsets")
-    g.add_argument(
-        "--inner-steps",
-        type=positive_int,
-        metavar="K",
-        help="null-text / prompt-tuning: optimisation steps per timestep (default 10)",
-    )
+    add_arguments(g, "invert")  # the methods' inversion options (--form, --inner-steps, …)
 
 
 def _add_edit_option_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("editing")
-    g.add_argument("--eta", type=unit_float, help="prompt-tuning: weight of the target prompt, in [0, 1] (default 0.8)")
-    g.add_argument(
-        "--skip", type=non_negative_int, metavar="K", help="edit-friendly: sampling steps to skip at the start"
-    )
+    from .inversion.options import add_arguments
+
+    add_arguments(p.add_argument_group("editing"), "edit")  # the methods' edit options (--eta, --skip, …)
 
 
 EDIT_EPILOG = """\
@@ -262,27 +249,12 @@ def _prompt(text: str | None, flag: str) -> str | None:
     return text
 
 
-def _methods_with(option: str, kind: str) -> str:
-    from .inversion import METHODS
+def _options(args: argparse.Namespace, algo, kind: str) -> dict[str, Any]:
+    """The method options of ``kind`` ("invert" or "edit") the user gave, checked against
+    what ``algo`` accepts."""
+    from .inversion.options import given_options
 
-    names = [m.name for m in METHODS.values() if option in (m.invert_options if kind == "invert" else m.edit_options)]
-    return ", ".join(names) or "no registered method"
-
-
-def _options(args: argparse.Namespace, algo, flags: dict[str, str], kind: str) -> dict[str, Any]:
-    """The method options the user gave, checked against what ``algo`` accepts."""
-    accepted = algo.invert_options if kind == "invert" else algo.edit_options
-    options = {}
-    for name, flag in flags.items():
-        value = getattr(args, name, None)
-        if value is None:
-            continue
-        if name not in accepted:
-            raise PyinvError(
-                f"{flag} does not apply to method {algo.name!r} (it applies to: {_methods_with(name, kind)})"
-            )
-        options[name] = value
-    return options
+    return given_options(vars(args), algo, kind)
 
 
 def _check_skip(algo, options: dict[str, Any], steps: int) -> None:
@@ -452,7 +424,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     algo = get_method(args.method or DEFAULT_METHOD)
     source = _prompt(args.source, "--source")
-    options = _options(args, algo, INVERT_FLAGS, "invert")
+    options = _options(args, algo, "invert")
     if source is None:
         if algo.needs_source_prompt:
             raise PyinvError(f"method {algo.name!r} needs --source, a prompt describing the image")
@@ -497,8 +469,8 @@ def _edit_image(args: argparse.Namespace, targets: list[str]) -> int:
     started = time.perf_counter()
     algo = get_method(args.method or DEFAULT_METHOD)
     source = _prompt(args.source, "--source")
-    invert_options = _options(args, algo, INVERT_FLAGS, "invert")
-    edit_options = _options(args, algo, EDIT_FLAGS, "edit")
+    invert_options = _options(args, algo, "invert")
+    edit_options = _options(args, algo, "edit")
     if source is None:
         if algo.needs_source_prompt:
             raise PyinvError(f"method {algo.name!r} needs --source, a prompt describing the image")
@@ -531,16 +503,18 @@ def _edit_image(args: argparse.Namespace, targets: list[str]) -> int:
 
 def _edit_inversion(args: argparse.Namespace, targets: list[str]) -> int:
     from .inversion import get_method
+    from .inversion.options import cli_flags
 
     started = time.perf_counter()
-    given = [flag for name, flag in INVERT_ONLY.items() if getattr(args, name) is not None]
+    invert_only = {**INVERT_ONLY, **cli_flags("invert")}
+    given = [flag for name, flag in invert_only.items() if getattr(args, name) is not None]
     if given:
         raise UsageError(
             f"{', '.join(given)} cannot be used with --inversion (the inversion file fixes how the image was inverted)"
         )
     inv = _load_inversion(args.inversion)
     algo = get_method(inv.method)
-    edit_options = _options(args, algo, EDIT_FLAGS, "edit")
+    edit_options = _options(args, algo, "edit")
     _check_skip(algo, edit_options, inv.num_steps)
     control = controller_from_args(args, algo)
     device, dtype = _runtime(args)
@@ -596,6 +570,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     """``pyinv methods``: one entry per registered method."""
     from .inversion import ALIASES, METHODS
+    from .inversion.options import fields_of, method_flags
 
     width = max(len(name) for name in METHODS) + 2
     for name, m in METHODS.items():
@@ -605,8 +580,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         if inv_guidance is not None:
             guidance += f" (inversion {inv_guidance:g})"
         details = [f"{m.default_steps} steps, {guidance}, {m.default_schedule} schedule"]
-        flags = [INVERT_FLAGS[o] for o in m.invert_options if o in INVERT_FLAGS]
-        flags += [EDIT_FLAGS[o] for o in m.edit_options if o in EDIT_FLAGS]
+        flags = method_flags(m)
         if flags:
             details.append("options " + " ".join(flags))
         if not m.needs_source_prompt:
@@ -615,6 +589,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
         if aliases:
             details.append("aliases " + ", ".join(aliases))
         print(f"{'':<{width}}{'; '.join(details)}")
+        for field in fields_of(m):  # every option, with its default (Python keyword; flag if any)
+            print(f"{'':<{width}}  {field.summary()}")
     print()
     print("attention control (pyinv edit --control):")
     for line in CONTROL_EPILOG.splitlines()[1:]:

@@ -85,6 +85,45 @@ def test_edits_without_an_option_use_the_dataclass_default(editor):
 
 
 # ---------------------------------------------------------------------- the generated command line
+def test_every_default_appears_in_pyinv_methods(capsys):
+    assert cli.main(["methods"]) == 0
+    listing = capsys.readouterr().out.split("\n\n")[0]
+    lines: dict[str, list[str]] = {}
+    for line in listing.splitlines():
+        if not line[0].isspace():
+            name = line.split()[0]
+        lines.setdefault(name, []).append(line.strip())
+    for method in METHODS.values():
+        for kind in KINDS:
+            for f in _fields(method, kind):
+                if f.metadata["default_text"] is not None:
+                    shown = f.metadata["default_text"]
+                elif isinstance(f.default, float):
+                    shown = f"{f.default:g}"
+                else:
+                    shown = "none" if f.default is None else str(f.default)
+                entry = next(e for e in option_fields(kind) if e.name == f.name)
+                assert entry.shown_default == shown
+                line = next(x for x in lines[method.name] if x.startswith(f"{f.name} ("))
+                assert line.endswith(f"(default {shown})"), line
+                assert (f.metadata["flag"] or "") in line
+
+
+@pytest.mark.parametrize("command, kinds", [("edit", KINDS), ("invert", ("invert",))])
+def test_every_flag_and_its_default_appear_in_the_help(command, kinds, capsys):
+    assert cli.main([command, "--help"]) == 0
+    out = _flat(capsys.readouterr().out)
+    for kind in kinds:
+        for entry in option_fields(kind):
+            if entry.flag is None:
+                assert entry.flag_help not in out
+                continue
+            assert entry.flag in out
+            assert _flat(f"{' / '.join(entry.methods)}: {entry.help} (default {entry.shown_default})") in out
+    assert _flat("null-text / prompt-tuning: optimisation steps per timestep (default 10)") in out
+    assert (_flat("--eta") in out) == (command == "edit")
+
+
 def test_a_flag_of_another_method_names_the_methods_that_take_it(images_dir, capsys):
     status = cli.main(["edit", images_dir, "--source", SRC, "--target", TGT, "--inner-steps", "3", "--out", "o.png"])
     err = capsys.readouterr().err
