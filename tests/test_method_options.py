@@ -239,3 +239,23 @@ def test_the_record_imports_nothing_above_it():
     assert not {".", "..models", "..api", ".base"} & imported
     assert not {name for name in imported if name.startswith(".") and not name.startswith("..")} - {".registry"}
     assert "..fingerprint" in imported
+
+
+def test_the_record_takes_its_method_facts_from_the_caller(editor):
+    """A caller that has the method's facts passes them; the record uses them, not the registry."""
+    inv = editor.invert(make_test_image(), SRC, method="direct", steps=2)
+
+    class Facts:
+        invert_options = {"form": "pinned"}
+
+        def recorded_options(self, inv):
+            return inv.options
+
+        def required_tensors(self, inv):
+            return ("trajectory", "noise_maps")
+
+    inv.check_tensors()  # the registered direct method needs the trajectory only
+    with pytest.raises(PyinvError, match="lacks the tensor\\(s\\) noise_maps"):
+        inv.check_tensors(method=Facts())
+    with pytest.raises(PyinvError, match="lacks the tensor\\(s\\) noise_maps"):
+        inv.check_model(editor.model, Facts())
