@@ -236,9 +236,7 @@ class Editor:
         mode = schedule or algo.default_schedule
         if mode not in SCHEDULE_MODES:
             raise PyinvError(f"unknown schedule {mode!r}; use one of {', '.join(SCHEDULE_MODES)}")
-        unknown = set(options) - set(algo.invert_options)
-        if unknown:
-            raise PyinvError(f"method {algo.name!r} has no inversion option(s) {', '.join(sorted(unknown))}")
+        algo.invert_options_of(options)  # unknown names and bad values, before any work
         try:  # cheap, and says when the steps do not fit the spacing (1000 steps at offset 1)
             make_schedule(self.model.scheduler_config, steps, mode)
         except ValueError as exc:
@@ -300,9 +298,7 @@ class Editor:
         seed = None if seed is None else check_seed(seed)
         self.model.check_prompt_length(inv.source_prompt, "the inversion's source prompt")
         self.check_prompts(None, targets)
-        unknown = set(options) - set(algo.edit_options)
-        if unknown:
-            raise PyinvError(f"method {algo.name!r} has no edit option(s) {', '.join(sorted(unknown))}")
+        algo.edit_options_of(options)  # unknown names and bad values, before any work
         with _seeded(seed, self.model.device):
             return algo.edit(self.model, inv, targets, guidance, control, with_source, self.progress, **options)
 

@@ -9,10 +9,7 @@ own dtype at each call and returns :attr:`DiffusionModel.latent_dtype`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
-import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -23,9 +20,21 @@ import torch
 
 from .checks import check_text
 from .control.attention import ControlCall, control_scope, install_control
+from .diffusers_folder import load_diffusers, save_model
 from .errors import PyinvError
+from .fingerprint import fingerprint_of, fingerprints_match
 from .presets import PRESETS
 from .text import tokenize
+
+__all__ = [
+    "DiffusionModel",
+    "fingerprints_match",
+    "load_model",
+    "parse_device",
+    "parse_dtype",
+    "quiet_libraries",
+    "save_model",
+]
 
 DTYPES = {
     "fp32": torch.float32,
@@ -124,6 +133,7 @@ class DiffusionModel:
     unet_calls: int = 0
     unet_image_forwards: int = 0
     _fp32_unet: torch.nn.Module | None = field(default=None, repr=False)
+    _fingerprint: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         # the stateless control processors and hooks, once per UNet (pyinv.control.attention)
@@ -274,38 +284,17 @@ class DiffusionModel:
 
     # ------------------------------------------------------------------ identity
     def fingerprint(self) -> dict[str, Any]:
-        """What identifies this model for saved inversions: configs hash + a weight sample.
+        """What identifies this model for saved inversions (see :mod:`pyinv.fingerprint`):
+        configs hash + a weight sample.
 
-        The weight sample (16 values of the UNet's first convolution) is compared with a
-        tolerance, so fp32/fp16/bf16 loads of the same checkpoint match and other checkpoints
-        of the same architecture do not.
+        Computed once per model: reading the weight sample back from the device would
+        otherwise synchronise every edit that checks its inversion against the model. The
+        weights do not change in place after loading, so nothing invalidates it. Returns a
+        copy (a record that keeps it may be changed without touching the model's).
         """
-        configs = {
-            "unet": dict(self.unet.config),
-            "vae": dict(self.vae.config) if self.vae is not None else None,
-            "text_encoder": {k: getattr(self.text_encoder.config, k, None) for k in TEXT_ENCODER_KEYS},
-            "prediction_type": self.prediction_type,
-        }
-        blob = json.dumps(_jsonable(configs), sort_keys=True, default=str).encode()
-        weight = self.unet.conv_in.weight.detach().flatten()[:16].float().cpu().tolist()
-        return {
-            "name": self.name,
-            "config_sha256": hashlib.sha256(blob).hexdigest(),
-            "weight_sample": weight,
-        }
-
-
-#: text-encoder settings that define the architecture (saving a model adds bookkeeping keys)
-TEXT_ENCODER_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "max_position_embeddings",
-    "hidden_act",
-    "projection_dim",
-)
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint_of(self)
+        return {**self._fingerprint, "weight_sample": list(self._fingerprint["weight_sample"])}
 
 
 def _timestep(t, device: torch.device) -> torch.Tensor:
@@ -314,27 +303,6 @@ def _timestep(t, device: torch.device) -> torch.Tensor:
     if isinstance(t, torch.Tensor):
         return t.to(device)
     return torch.tensor(t, dtype=torch.float64 if isinstance(t, float) else torch.int64, device=device)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items() if not str(k).startswith("_")}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
-
-
-def fingerprints_match(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """True when two :meth:`DiffusionModel.fingerprint` results describe the same model."""
-    if a.get("config_sha256") != b.get("config_sha256"):
-        return False
-    wa, wb = a.get("weight_sample") or [], b.get("weight_sample") or []
-    numbers = (int, float)
-    if not isinstance(wa, list) or len(wa) != len(wb) or not all(isinstance(v, numbers) for v in wa):
-        return False  # also a tampered file's sample that is not a list of numbers
-    return bool(torch.allclose(torch.tensor(wa), torch.tensor(wb), rtol=1e-2, atol=1e-3))
 
 
 def load_model(
@@ -351,7 +319,7 @@ def load_model(
         raise PyinvError("empty model name")
     name = str(name_or_path)
     with quiet_libraries():
-        parts = PRESETS[name]() if name in PRESETS else _load_diffusers(name)
+        parts = PRESETS[name]() if name in PRESETS else load_diffusers(name, tuple(PRESETS))
         unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
         for module in (unet, vae, text_encoder):
             if module is not None:
@@ -383,80 +351,3 @@ def _default_image_size(unet, vae) -> int:
     sample = unet.config.sample_size
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
     return int(sample) * factor
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-
-
-def _load_diffusers(name: str) -> dict[str, Any]:
-    """Components of a diffusers Stable Diffusion folder or hub id."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    path = os.path.expanduser(name)
-    local = os.path.isdir(path)
-    if not local and (os.path.exists(path) or _looks_like_path(name)):
-        raise PyinvError(f"model folder not found: {name} (presets: {', '.join(PRESETS)})")
-    if local and not os.path.isdir(os.path.join(path, "unet")):
-        raise PyinvError(f"{name} is not a diffusers Stable Diffusion folder (no unet/ inside)")
-    source = path if local else name
-    try:
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder")
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-        has_vae = os.path.isdir(os.path.join(path, "vae")) if local else True
-        vae = None
-        if has_vae:
-            try:
-                vae = AutoencoderKL.from_pretrained(source, subfolder="vae")
-            except OSError:
-                if not local:
-                    vae = None
-                else:
-                    raise
-        scheduler_config = _read_scheduler_config(source, local)
-    except PyinvError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - every loader failure becomes one clear line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if not local:
-            raise PyinvError(
-                f"cannot load model {name!r}: not a preset ({', '.join(PRESETS)}), a local folder, "
-                f"or a hub model that can be reached ({first})"
-            ) from exc
-        raise PyinvError(f"cannot load model {name!r}: {first}") from exc
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler_config": scheduler_config,
-        "image_size": None,
-    }
-
-
-def _read_scheduler_config(source: str, local: bool) -> dict[str, Any]:
-    if local:
-        path = os.path.join(source, "scheduler", "scheduler_config.json")
-        if not os.path.isfile(path):
-            raise PyinvError(f"{source} has no scheduler/scheduler_config.json")
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    from huggingface_hub import hf_hub_download
-
-    with open(hf_hub_download(source, "scheduler_config.json", subfolder="scheduler"), encoding="utf-8") as f:
-        return json.load(f)
-
-
-def save_model(model: DiffusionModel, folder: str) -> None:
-    """Write ``model`` as a diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
-    os.makedirs(folder, exist_ok=True)
-    model.unet.save_pretrained(os.path.join(folder, "unet"))
-    if model.vae is not None:
-        model.vae.save_pretrained(os.path.join(folder, "vae"))
-    model.text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
-    model.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
-    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
-    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
-        json.dump(model.scheduler_config, f, indent=2)

@@ -22,6 +22,9 @@ from typing import Any
 
 import torch
 
+from .diffusers_folder import load_diffusers
+from .errors import PyinvError
+
 #: Words the tiny tokenizer knows as whole tokens; any other text falls back to characters.
 TINY_WORDS = """
 a an the of on in with and at by to photo picture painting drawing image sketch render
@@ -206,15 +209,12 @@ DEMO_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes",
 
 def load_demo() -> dict[str, Any]:
     """The demo model (:mod:`pyinv.shapes`): trained weights shipped with pyinv, loaded offline."""
-    from .errors import PyinvError
-    from .models import _load_diffusers
-
     if not os.path.isfile(os.path.join(DEMO_FOLDER, "unet", "config.json")):
         raise PyinvError(
             f"the demo model's weights are missing from {DEMO_FOLDER}; reinstall pyinv or train them "
             "(python -m pyinv.shapes.train, see the README)"
         )
-    parts = _load_diffusers(DEMO_FOLDER)
+    parts = load_diffusers(DEMO_FOLDER)
     parts["image_size"] = 32
     return parts
 

@@ -16,6 +16,7 @@ from pyinv.control.attention import ControlledAttention, controlled_modules
 from pyinv.control.base import EditContext
 from pyinv.errors import PyinvError
 from pyinv.inversion import get_method
+from pyinv.inversion.base import schedule_of
 
 SRC = "a photo of a red ball"
 TGT = "a photo of a blue cube"
@@ -221,11 +222,18 @@ def test_the_model_is_the_same_before_during_and_after_edits(editor, image):
     assert count == hooks and all(after[name] is proc for name, proc in before.items())
 
 
+def _program(editor, inv):
+    """The edit program of ``inv`` towards ``TGT`` at w = 7.5, with the source branch."""
+    method = get_method(inv.method)
+    schedule = schedule_of(editor.model, inv)
+    return method.program(editor.model, inv, schedule, [TGT], 7.5, True, method.edit_options_of({}))
+
+
 def loop_run_with(editor, inv, control, on_step):
     """Run ``control``'s edit of ``inv`` through the loop with ``on_step`` told every step."""
     method = get_method(inv.method)
     model = editor.model
-    program = method.program(model, inv, [TGT], 7.5, True)
+    program = _program(editor, inv)
     if control is not None:
         program = control.prepare(model, program, inv.source_prompt, [TGT])
     context = EditContext(inv.source_prompt, (TGT,), method.control_defaults)
@@ -405,7 +413,7 @@ def test_no_device_reads_between_steps(editor, image, method, make):
     inv = editor.invert(image, SRC, method=method, steps=6, seed=0, **options)
     control = make()
     mode = _DeviceReads()
-    first = get_method(method).program(editor.model, inv, [TGT], 7.5, True).first_step
+    first = _program(editor, inv).first_step
 
     def after_first(i, latents):
         if i == first:

@@ -58,6 +58,38 @@ def test_fp16_load_of_same_model_matches(editor):
     assert fingerprints_match(editor.model.fingerprint(), half.fingerprint())
 
 
+def test_fingerprint_is_computed_once_per_model(saved, monkeypatch):
+    """An edit checks its inversion against the model; the weight sample is read back from
+    the device once per model, not on every edit."""
+    import pyinv.fingerprint
+    import pyinv.models
+
+    inv, _ = saved
+    model = load_model("tiny")
+    first = model.fingerprint()
+    assert first == pyinv.fingerprint.fingerprint_of(model)  # the cached value is the fresh one
+
+    def recompute(model):
+        raise AssertionError("the fingerprint was computed again")
+
+    monkeypatch.setattr(pyinv.models, "fingerprint_of", recompute)
+    inv.check_model(model)
+    inv.check_model(model)
+    assert model.fingerprint() == first
+    model.fingerprint()["weight_sample"][0] = 123.0  # a caller's copy: the cache is untouched
+    assert model.fingerprint() == first
+
+
+@pytest.mark.parametrize(
+    "sample",
+    [[1] * 16, [True] * 16, [10**400] * 16, [float("nan")] * 16, "x" * 16, None, [[0.0]] * 16],
+)
+def test_fingerprint_samples_of_a_wrong_kind_do_not_match(editor, sample):
+    """A file's weight sample is untrusted: anything but 16 close numbers is no match, not a crash."""
+    theirs = {**editor.model.fingerprint(), "weight_sample": sample}
+    assert not fingerprints_match(theirs, editor.model.fingerprint())
+
+
 def _rewrite_meta(src, dst, change):
     tensors = load_file(str(src))
     from safetensors import safe_open

@@ -24,20 +24,20 @@ from .common import (
     write_outputs,
 )
 from .control import add_control_args, control_epilog, controller_from_args
-from .method_flags import EDIT_FLAGS, INVERT_FLAGS, add_edit_flags, add_invert_flags, check_skip, method_options
+from .method_flags import add_edit_flags, add_invert_flags, check_skip, invert_flags, method_options
 
 if TYPE_CHECKING:
     from PIL import Image
 
 DEFAULT_METHOD = "direct"
 
-#: Arguments of ``pyinv edit`` that only make sense when an image is inverted in the same run.
+#: Arguments of ``pyinv edit`` that only make sense when an image is inverted in the same run
+#: (and the methods' inversion options: :func:`.method_flags.invert_flags`).
 INVERT_ONLY = {
     "source": "--source",
     "method": "--method",
     "steps": "--steps",
     "schedule": "--schedule",
-    **INVERT_FLAGS,
     "save_inversion": "--save-inversion",
     "inversion_guidance": "--inversion-guidance",
 }
@@ -190,7 +190,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     algo = get_method(args.method or DEFAULT_METHOD)
     source = checked_prompt(args.source, "--source")
-    options = method_options(args, algo, INVERT_FLAGS, "invert")
+    options = method_options(args, algo, "invert")
     if source is None:
         if algo.needs_source_prompt:
             raise PyinvError(f"method {algo.name!r} needs --source, a prompt describing the image")
@@ -235,8 +235,8 @@ def _edit_image(args: argparse.Namespace, targets: list[str]) -> int:
     started = time.perf_counter()
     algo = get_method(args.method or DEFAULT_METHOD)
     source = checked_prompt(args.source, "--source")
-    invert_options = method_options(args, algo, INVERT_FLAGS, "invert")
-    edit_options = method_options(args, algo, EDIT_FLAGS, "edit")
+    invert_options = method_options(args, algo, "invert")
+    edit_options = method_options(args, algo, "edit")
     if source is None:
         if algo.needs_source_prompt:
             raise PyinvError(f"method {algo.name!r} needs --source, a prompt describing the image")
@@ -271,14 +271,15 @@ def _edit_inversion(args: argparse.Namespace, targets: list[str]) -> int:
     from ..inversion import get_method
 
     started = time.perf_counter()
-    given = [flag for name, flag in INVERT_ONLY.items() if getattr(args, name) is not None]
+    invert_only = {**INVERT_ONLY, **invert_flags()}
+    given = [flag for name, flag in invert_only.items() if getattr(args, name) is not None]
     if given:
         raise UsageError(
             f"{', '.join(given)} cannot be used with --inversion (the inversion file fixes how the image was inverted)"
         )
     inv = load_inversion(args.inversion)
     algo = get_method(inv.method)
-    edit_options = method_options(args, algo, EDIT_FLAGS, "edit")
+    edit_options = method_options(args, algo, "edit")
     check_skip(algo, edit_options, inv.num_steps)
     control = controller_from_args(args, algo)
     device, dtype = runtime(args)

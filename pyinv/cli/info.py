@@ -7,7 +7,7 @@ import argparse
 import json
 
 from .control import control_epilog
-from .method_flags import method_flags
+from .method_flags import method_flags, option_summaries
 
 
 def add_parsers(sub) -> None:
@@ -41,6 +41,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
         if aliases:
             details.append("aliases " + ", ".join(aliases))
         print(f"{'':<{width}}{'; '.join(details)}")
+        for line in option_summaries(m):  # every option, with its default (Python keyword; flag if any)
+            print(f"{'':<{width}}  {line}")
     print()
     print("attention control (pyinv edit --control):")
     for line in control_epilog().splitlines()[1:]:

@@ -2,13 +2,15 @@
 
 A method inverts (``invert`` → :class:`Inversion`) and describes its edit as an
 :class:`~pyinv.loop.EditProgram` (``program``) that the one loop driver runs. Branch 0 is
-the source when the edit needs one; the rest are the target prompts, in order.
+the source when the edit needs one; the rest are the target prompts, in order. The base
+class owns the options, the schedule, the timing and the record; a method's module holds
+its algorithm (``_invert``, ``program``) and its options dataclasses.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -19,6 +21,7 @@ from .. import loop
 from ..control.base import Controller, EditContext
 from ..errors import PyinvError
 from ..schedule import SCHEDULE_MODES, Schedule, ddim_step, make_schedule
+from .options import KINDS, MethodOptions, NoOptions, OptionDefaults
 from .record import Inversion
 
 
@@ -34,7 +37,17 @@ class EditOutput:
 
 
 class Method:
-    """Base class of the inversion methods (see ``METHODS.md`` for each algorithm)."""
+    """Base class of the inversion methods (see ``METHODS.md`` for each algorithm).
+
+    The base class runs what every method shares; a method writes its algorithm:
+
+    - inversion: :meth:`invert` checks the options (``invert_options_type``), builds the
+      N-step schedule, times the work of :meth:`_invert` and makes the :class:`Inversion`
+      (``z0`` and the method's tensors on the CPU, the options, the UNet counts and seconds);
+    - editing: :meth:`edit` checks the options (``edit_options_type``), rebuilds the
+      inversion's schedule and runs :meth:`_edit`, by default the one loop driver over the
+      :class:`~pyinv.loop.EditProgram` that :meth:`program` describes.
+    """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
@@ -46,8 +59,12 @@ class Method:
     needs_source_prompt: ClassVar[bool] = True
     #: whether edits take an attention controller (EDICT's coupled loop does not)
     takes_control: ClassVar[bool] = True
-    invert_options: ClassVar[dict[str, Any]] = {}
-    edit_options: ClassVar[dict[str, Any]] = {}
+    #: the options ``invert`` takes (recorded in the inversion) and those ``edit`` takes
+    invert_options_type: ClassVar[type[MethodOptions]] = NoOptions
+    edit_options_type: ClassVar[type[MethodOptions]] = NoOptions
+    #: option name → default of each kind, read from the dataclasses above
+    invert_options = OptionDefaults("invert")
+    edit_options = OptionDefaults("edit")
     #: controller settings of the reference that pairs a controller with this method, by
     #: controller kind (``{"p2p": {"cross_replace": …, "self_replace": …, "self_max_tokens": …}}``);
     #: used where the user gave none
@@ -59,7 +76,27 @@ class Method:
     def required_tensors(self, inv: Inversion) -> tuple[str, ...]:
         return self.tensors
 
-    # ------------------------------------------------------------------ API for subclasses
+    # ------------------------------------------------------------------ options
+    @classmethod
+    def options_type(cls, kind: str) -> type[MethodOptions]:
+        """The options dataclass of ``kind`` (``"invert"`` or ``"edit"``)."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        return cls.invert_options_type if kind == "invert" else cls.edit_options_type
+
+    def invert_options_of(self, options: Mapping[str, Any] | MethodOptions) -> MethodOptions:
+        """``invert``'s keyword options as its dataclass (unknown names and bad values raise)."""
+        return self.invert_options_type.of(options, self.name, "invert")
+
+    def edit_options_of(self, options: Mapping[str, Any] | MethodOptions) -> MethodOptions:
+        """``edit``'s keyword options as its dataclass (unknown names and bad values raise)."""
+        return self.edit_options_type.of(options, self.name, "edit")
+
+    def recorded_options(self, inv: Inversion) -> MethodOptions:
+        """The options ``inv`` was made with (files that lack one get its default)."""
+        return self.invert_options_of(inv.options)
+
+    # ------------------------------------------------------------------ inversion
     def invert(
         self,
         model,
@@ -71,20 +108,52 @@ class Method:
         progress: bool,
         **options: Any,
     ) -> Inversion:
-        raise NotImplementedError
+        """Invert latents ``z0 (1, C, h, w)`` described by ``source_prompt`` in ``steps``
+        steps of the ``schedule_mode`` spacing, for guidance ``guidance``."""
+        opts = self.prepare(model, source_prompt, self.invert_options_of(options))
+        started, calls = time.perf_counter(), counters(model)
+        schedule = make_schedule(model.scheduler_config, steps, schedule_mode)
+        tensors, stats = self._invert(model, z0, source_prompt, schedule, guidance, opts, progress)
+        meta = schedule.to_metadata()
+        meta["mode"] = schedule_mode
+        return Inversion(
+            method=self.name,
+            model=model.fingerprint(),
+            source_prompt=source_prompt,
+            num_steps=schedule.num_steps,
+            guidance=float(guidance),
+            schedule=meta,
+            image_size=model.image_size,
+            tensors={k: v.detach().to("cpu", model.latent_dtype) for k, v in {"z0": z0, **tensors}.items()},
+            options=opts.to_record(),
+            stats={
+                "unet_calls": model.unet_calls - calls[0],
+                "unet_image_forwards": model.unet_image_forwards - calls[1],
+                "seconds": round(time.perf_counter() - started, 4),
+                **stats,
+            },
+        )
 
-    def program(
+    def prepare(self, model, source_prompt: str, options: MethodOptions) -> MethodOptions:
+        """The options to invert with, where they depend on the model or the prompt
+        (prompt-tuning's ``init_prompt``); checked before any work. Default: unchanged."""
+        return options
+
+    def _invert(
         self,
         model,
-        inv: Inversion,
-        targets: Sequence[str],
+        z0: torch.Tensor,
+        source_prompt: str,
+        schedule: Schedule,
         guidance: float,
-        with_source: bool,
-        **options: Any,
-    ) -> loop.EditProgram:
+        options: MethodOptions,
+        progress: bool,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The method's inversion: its tensors (name → tensor, besides ``z0``) and any
+        statistics beyond the UNet counts and time (e.g. per-step losses)."""
         raise NotImplementedError
 
-    # ------------------------------------------------------------------ shared driver
+    # ------------------------------------------------------------------ editing
     def edit(
         self,
         model,
@@ -96,9 +165,27 @@ class Method:
         progress: bool,
         **options: Any,
     ) -> EditOutput:
-        """Run the edit through the loop driver; branch 0 is the source when present."""
+        """Edit ``inv`` towards each of ``targets`` at ``guidance``; branch 0 is the source
+        when ``with_source`` (or the controller reads it)."""
+        opts = self.edit_options_of(options)
+        schedule = schedule_of(model, inv)
+        return self._edit(model, inv, schedule, targets, guidance, controller, with_source, progress, opts)
+
+    def _edit(
+        self,
+        model,
+        inv: Inversion,
+        schedule: Schedule,
+        targets: Sequence[str],
+        guidance: float,
+        controller: Controller | None,
+        with_source: bool,
+        progress: bool,
+        options: MethodOptions,
+    ) -> EditOutput:
+        """Run :meth:`program` through the loop driver (EDICT runs its own loop instead)."""
         needs_source = with_source or bool(controller and controller.reads_source)
-        program = self.program(model, inv, targets, guidance, needs_source, **options)
+        program = self.program(model, inv, schedule, targets, guidance, needs_source, options)
         if controller is not None:
             program = controller.prepare(model, program, inv.source_prompt, list(targets))
         context = EditContext(inv.source_prompt, tuple(targets), self.control_defaults)
@@ -113,38 +200,19 @@ class Method:
             batch_rows=result.layout.rows,
         )
 
-    # ------------------------------------------------------------------ helpers
-    def make_record(
+    def program(
         self,
         model,
-        z0: torch.Tensor,
-        source_prompt: str,
+        inv: Inversion,
         schedule: Schedule,
+        targets: Sequence[str],
         guidance: float,
-        tensors: dict[str, torch.Tensor],
-        options: dict[str, Any],
-        started: float,
-        calls: tuple[int, int],
-        schedule_mode: str,
-    ) -> Inversion:
-        meta = schedule.to_metadata()
-        meta["mode"] = schedule_mode
-        return Inversion(
-            method=self.name,
-            model=model.fingerprint(),
-            source_prompt=source_prompt,
-            num_steps=schedule.num_steps,
-            guidance=float(guidance),
-            schedule=meta,
-            image_size=model.image_size,
-            tensors={k: v.detach().to("cpu", model.latent_dtype) for k, v in {"z0": z0, **tensors}.items()},
-            options=options,
-            stats={
-                "unet_calls": model.unet_calls - calls[0],
-                "unet_image_forwards": model.unet_image_forwards - calls[1],
-                "seconds": round(time.perf_counter() - started, 4),
-            },
-        )
+        with_source: bool,
+        options: MethodOptions,
+    ) -> loop.EditProgram:
+        """The edit as a program of the loop driver: branch 0 the source when ``with_source``,
+        then one branch per target prompt."""
+        raise NotImplementedError
 
 
 def schedule_of(model, inv: Inversion) -> Schedule:

@@ -8,15 +8,10 @@ same with ``c_src`` — the guided reconstruction that drifts for w > 1.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
-
 import torch
 
 from ..loop import EditProgram
-from ..schedule import make_schedule
-from .base import Method, counters, ddim_invert, embed, schedule_of
-from .record import Inversion
+from .base import Method, ddim_invert, embed
 
 
 class DDIMInversion(Method):
@@ -24,16 +19,11 @@ class DDIMInversion(Method):
     summary = "DDIM inversion, then CFG sampling from z*_T"
     tensors = ("trajectory",)
 
-    def invert(self, model, z0, source_prompt, steps, guidance, schedule_mode, progress, **options):
-        started, calls = time.perf_counter(), counters(model)
-        schedule = make_schedule(model.scheduler_config, steps, schedule_mode)
-        traj = ddim_invert(model, z0, embed(model, [source_prompt]), schedule, progress)
-        return self.make_record(
-            model, z0, source_prompt, schedule, guidance, {"trajectory": traj}, {}, started, calls, schedule_mode
-        )
+    def _invert(self, model, z0, source_prompt, schedule, guidance, options, progress):
+        """The pivot ``trajectory (N+1, C, h, w)`` with ``c_src`` (N UNet calls)."""
+        return {"trajectory": ddim_invert(model, z0, embed(model, [source_prompt]), schedule, progress)}, {}
 
-    def program(self, model, inv: Inversion, targets: Sequence[str], guidance: float, with_source: bool, **options):
-        schedule = schedule_of(model, inv)
+    def program(self, model, inv, schedule, targets, guidance, with_source, options):
         prompts = ([inv.source_prompt] if with_source else []) + list(targets)
         B = len(prompts)
         z_T = inv["trajectory"][-1:].to(model.device)

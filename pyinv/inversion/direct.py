@@ -21,41 +21,41 @@ branches together; the target is never corrected. Two equivalent forms:
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import PyinvError
 from ..loop import EditProgram
-from ..schedule import make_schedule
-from .base import Method, counters, ddim_invert, embed, schedule_of
-from .record import Inversion
+from .base import Method, ddim_invert, embed
+from .options import MethodOptions, option
 
 FORMS = ("pinned", "offsets")
+
+
+@dataclass(frozen=True)
+class DirectOptions(MethodOptions):
+    """Direct Inversion's inversion options (recorded in the inversion; the edit reads them)."""
+
+    form: str = option("pinned", "pin the source branch or use offsets", flag="--form", choices=FORMS)
+
+    def __post_init__(self):
+        if self.form not in FORMS:
+            raise PyinvError(f"unknown Direct Inversion form {self.form!r}; use one of {', '.join(FORMS)}")
 
 
 class DirectInversion(Method):
     name = "direct"
     summary = "DDIM inversion; the source branch is pinned to the pivot, the target edits freely"
-    invert_options = {"form": "pinned"}
+    invert_options_type = DirectOptions
     tensors = ("trajectory",)
 
-    def invert(self, model, z0, source_prompt, steps, guidance, schedule_mode, progress, form="pinned", **options):
-        if form not in FORMS:
-            raise PyinvError(f"unknown Direct Inversion form {form!r}; use one of {', '.join(FORMS)}")
-        started, calls = time.perf_counter(), counters(model)
-        schedule = make_schedule(model.scheduler_config, steps, schedule_mode)
-        cond = embed(model, [source_prompt])
-        traj = ddim_invert(model, z0, cond, schedule, progress)
-        tensors = {"trajectory": traj}
-        return self.make_record(
-            model, z0, source_prompt, schedule, guidance, tensors, {"form": form}, started, calls, schedule_mode
-        )
+    def _invert(self, model, z0, source_prompt, schedule, guidance, options, progress):
+        """The pivot ``trajectory (N+1, C, h, w)`` with ``c_src``; either form edits from it."""
+        return {"trajectory": ddim_invert(model, z0, embed(model, [source_prompt]), schedule, progress)}, {}
 
-    def program(self, model, inv: Inversion, targets: Sequence[str], guidance: float, with_source: bool, **options):
-        schedule = schedule_of(model, inv)
-        form = inv.options.get("form", "pinned")
+    def program(self, model, inv, schedule, targets, guidance, with_source, options):
+        form = self.recorded_options(inv).form
         # The offsets form corrects a source branch that is stepped, so it always has one.
         with_source = with_source or form == "offsets"
         prompts = ([inv.source_prompt] if with_source else []) + list(targets)

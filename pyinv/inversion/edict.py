@@ -34,31 +34,39 @@ every branch's unconditional and conditional rows. Attention control is not supp
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from ..control.base import Controller, NoControl
 from ..errors import PyinvError
-from ..schedule import Schedule, guided, make_schedule, split_prediction
-from .base import EditOutput, Method, counters, embed, schedule_of
-from .record import Inversion
+from ..schedule import Schedule, guided, split_prediction
+from .base import EditOutput, Method, counters, embed
+from .options import MethodOptions, option
 
 Rows = tuple[tuple[int, str], ...]
 
 
-def check_options(mixing: Any, leapfrog: Any, strength: Any) -> tuple[float, bool, float]:
-    """Validated ``(mixing, leapfrog, strength)``; a :class:`PyinvError` names the bad one."""
-    if isinstance(mixing, bool) or not isinstance(mixing, (int, float)) or not 0.0 < float(mixing) < 1.0:
-        raise PyinvError(f"EDICT mixing must be a number in (0, 1), got {mixing!r}")
-    if not isinstance(leapfrog, bool):
-        raise PyinvError(f"EDICT leapfrog must be True or False, got {leapfrog!r}")
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < float(strength) <= 1.0:
-        raise PyinvError(f"EDICT strength must be a number in (0, 1], got {strength!r}")
-    return float(mixing), leapfrog, float(strength)
+@dataclass(frozen=True)
+class EDICTOptions(MethodOptions):
+    """EDICT's inversion options (recorded; the edit runs with the same ones)."""
+
+    mixing: float = option(0.93, "mixing p of the two coupled sequences, in (0, 1)")
+    leapfrog: bool = option(True, "alternate which sequence moves first")
+    strength: float = option(0.8, "fraction s of the steps run (from timesteps[N − ⌊N·s⌋]), in (0, 1]")
+
+    def __post_init__(self):
+        mixing, leapfrog, strength = self.mixing, self.leapfrog, self.strength
+        if isinstance(mixing, bool) or not isinstance(mixing, (int, float)) or not 0.0 < float(mixing) < 1.0:
+            raise PyinvError(f"EDICT mixing must be a number in (0, 1), got {mixing!r}")
+        if not isinstance(leapfrog, bool):
+            raise PyinvError(f"EDICT leapfrog must be True or False, got {leapfrog!r}")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < float(strength) <= 1.0:
+            raise PyinvError(f"EDICT strength must be a number in (0, 1], got {strength!r}")
+        object.__setattr__(self, "mixing", float(mixing))
+        object.__setattr__(self, "strength", float(strength))
 
 
 def first_step(num_steps: int, strength: float) -> int:
@@ -167,31 +175,18 @@ class EDICTInversion(Method):
     default_steps = 50
     default_guidance = 3.0
     takes_control = False
-    invert_options = {"mixing": 0.93, "leapfrog": True, "strength": 0.8}
+    invert_options_type = EDICTOptions
+    tensors = ("edict_x", "edict_y")
 
-    def invert(
-        self,
-        model,
-        z0: torch.Tensor,
-        source_prompt: str,
-        steps: int,
-        guidance: float,
-        schedule_mode: str,
-        progress: bool,
-        mixing: float = 0.93,
-        leapfrog: bool = True,
-        strength: float = 0.8,
-    ) -> Inversion:
-        """Invert ``z0 (1, C, h, w)`` with ``c_src`` at guidance w; stores ``edict_x``, ``edict_y``."""
-        mixing, leapfrog, strength = check_options(mixing, leapfrog, strength)
-        started, calls = time.perf_counter(), counters(model)
-        schedule = make_schedule(model.scheduler_config, steps, schedule_mode)
-        start = first_step(schedule.num_steps, strength)
+    def _invert(self, model, z0, source_prompt, schedule, guidance, options, progress):
+        """Invert ``z0 (1, C, h, w)`` with ``c_src`` at guidance w: the pair ``edict_x``,
+        ``edict_y (1, C, h, w)`` at level ``timesteps[N − ⌊N·s⌋]``."""
+        start = first_step(schedule.num_steps, options.strength)
         step = Coupled(
             model,
             schedule,
-            mixing,
-            leapfrog,
+            options.mixing,
+            options.leapfrog,
             start,
             embed(model, [""]),
             embed(model, [source_prompt]),
@@ -203,47 +198,22 @@ class EDICTInversion(Method):
             range(schedule.num_steps - 1, start - 1, -1), desc="EDICT inversion", disable=not progress, leave=False
         ):
             x, y = step.invert(i, x, y)
-        options = {"mixing": mixing, "leapfrog": leapfrog, "strength": strength}
-        return self.make_record(
-            model,
-            z0,
-            source_prompt,
-            schedule,
-            guidance,
-            {"edict_x": x, "edict_y": y},
-            options,
-            started,
-            calls,
-            schedule_mode,
-        )
+        return {"edict_x": x, "edict_y": y}, {}
 
-    def edit(
-        self,
-        model,
-        inv: Inversion,
-        targets: Sequence[str],
-        guidance: float,
-        controller: Controller | None,
-        with_source: bool,
-        progress: bool,
-    ) -> EditOutput:
+    def _edit(self, model, inv, schedule, targets, guidance, controller, with_source, progress, options):
         """Sample the stored pair from its level with each target prompt at ``guidance``.
 
         Branch 0 is the source when ``with_source``: it runs at the inversion's guidance, so
         it is the exact reconstruction. Output latents are each branch's ``x``.
         """
         check_controller(controller)
-        mixing, leapfrog, strength = check_options(
-            inv.options.get("mixing", 0.93), inv.options.get("leapfrog", True), inv.options.get("strength", 0.8)
-        )
-        schedule = schedule_of(model, inv)
-        start = first_step(schedule.num_steps, strength)
+        recorded = self.recorded_options(inv)
+        start = first_step(schedule.num_steps, recorded.strength)
         prompts = ([inv.source_prompt] if with_source else []) + list(targets)
         B = len(prompts)
         ws = ([float(inv.guidance)] if with_source else []) + [float(guidance)] * len(targets)
-        step = Coupled(
-            model, schedule, mixing, leapfrog, start, embed(model, [""]).expand(B, -1, -1), embed(model, prompts), ws
-        )
+        uncond = embed(model, [""]).expand(B, -1, -1)
+        step = Coupled(model, schedule, recorded.mixing, recorded.leapfrog, start, uncond, embed(model, prompts), ws)
         x = inv["edict_x"].to(model.device, model.latent_dtype).expand(B, -1, -1, -1).clone()
         y = inv["edict_y"].to(model.device, model.latent_dtype).expand(B, -1, -1, -1).clone()
         calls = counters(model)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,11 +36,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..argtypes import non_negative_int
 from ..errors import PyinvError
 from ..loop import EditProgram
-from ..schedule import Schedule, ddpm_mean, guided, make_schedule
-from .base import Method, counters, embed, schedule_of
-from .record import Inversion
+from ..schedule import Schedule, ddpm_mean, guided
+from .base import Method, embed
+from .options import MethodOptions, option
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,8 @@ def extract_noise(
     return xts, maps
 
 
-def parse_shift(shift: Any, h: int, w: int) -> tuple[int, int]:
-    """``(dy, dx)`` from an int (horizontal shift ``dx``) or a pair; |dy| < h, |dx| < w."""
+def check_shift(shift: Any) -> tuple[int, int]:
+    """``(dy, dx)`` from an int (horizontal shift ``dx``) or a pair of ints."""
     if isinstance(shift, numbers.Integral) and not isinstance(shift, bool):
         pair: tuple[Any, ...] = (0, int(shift))
     elif isinstance(shift, Sequence) and not isinstance(shift, str) and len(shift) == 2:
@@ -105,14 +105,20 @@ def parse_shift(shift: Any, h: int, w: int) -> tuple[int, int]:
         raise PyinvError(f"shift must be an int (horizontal) or a pair (dy, dx) of ints, got {shift!r}")
     if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in pair):
         raise PyinvError(f"shift must hold whole latent pixels, got {shift!r}")
-    dy, dx = int(pair[0]), int(pair[1])
+    return int(pair[0]), int(pair[1])
+
+
+def parse_shift(shift: Any, h: int, w: int) -> tuple[int, int]:
+    """:func:`check_shift`, and ``|dy| < h``, ``|dx| < w`` for ``h × w`` latents."""
+    dy, dx = check_shift(shift)
     if abs(dy) >= h or abs(dx) >= w:
         raise PyinvError(f"shift {(dy, dx)} is too large for {h}x{w} latents (it counts latent pixels)")
     return dy, dx
 
 
-def parse_color(color: Any, z0: torch.Tensor) -> ColorEdit:
-    """A validated :class:`ColorEdit` (mask ``(1, 1, h, w)``, target ``(1, C, h, w)``, fp32)."""
+def as_color_edit(color: Any) -> ColorEdit:
+    """``color`` as a :class:`ColorEdit`: one, or a dict with keys ``mask``, ``target`` and
+    (optionally) ``strength``; its tensors are checked against the latents by :func:`parse_color`."""
     if isinstance(color, Mapping):
         unknown = set(color) - {"mask", "target", "strength"}
         missing = {"mask", "target"} - set(color)
@@ -125,6 +131,13 @@ def parse_color(color: Any, z0: torch.Tensor) -> ColorEdit:
         color = ColorEdit(color["mask"], color["target"], color.get("strength", 1.0))
     if not isinstance(color, ColorEdit):
         raise PyinvError(f"color must be a dict with mask/target/strength or a ColorEdit, got {type(color).__name__}")
+    return color
+
+
+def parse_color(color: Any, z0: torch.Tensor) -> ColorEdit:
+    """A validated :class:`ColorEdit` for latents like ``z0 (1, C, h, w)`` (mask
+    ``(1, 1, h, w)``, target ``(1, C, h, w)``, fp32)."""
+    color = as_color_edit(color)
     _, c, h, w = z0.shape
     mask, target, s = color.mask, color.target, color.strength
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) not in ((h, w), (1, 1, h, w)):
@@ -152,6 +165,31 @@ def default_skip(num_steps: int) -> int:
     return round(0.36 * num_steps)
 
 
+@dataclass(frozen=True)
+class EditFriendlyEditOptions(MethodOptions):
+    """EF-DDPM's edit options. ``skip`` (default: :func:`default_skip` of the inversion's
+    steps) is checked against the step count at the edit; ``shift`` and ``color`` here as far
+    as the values alone tell, and against the latents' shape at the edit."""
+
+    skip: int | None = option(
+        None,
+        "sampling steps to skip at the start",
+        flag="--skip",
+        parse=non_negative_int,
+        metavar="K",
+        default_text="36 of 100 steps, scaled to the step count",
+    )
+    shift: int | tuple[int, int] = option(0, "image shift dx, or (dy, dx), in latent pixels (circular)")
+    color: ColorEdit | Mapping[str, Any] | None = option(
+        None, "colour manipulation: a ColorEdit, or a dict of mask, target and strength"
+    )
+
+    def __post_init__(self):
+        check_shift(self.shift)
+        if self.color is not None:
+            object.__setattr__(self, "color", as_color_edit(self.color))
+
+
 class EditFriendlyInversion(Method):
     name = "edit-friendly"
     summary = "edit-friendly DDPM inversion: independent noisy levels, extracted noise maps, DDPM sampling"
@@ -160,49 +198,25 @@ class EditFriendlyInversion(Method):
     default_inversion_guidance = 3.5  # cfg_src
     default_schedule = "checkpoint"
     needs_source_prompt = False
-    edit_options = {"skip": None, "shift": 0, "color": None}
+    edit_options_type = EditFriendlyEditOptions
+    tensors = ("xts", "noise_maps")
     #: DDPM_inversion's P2P runs (main_run.py --mode p2pinv): windows 0.6 / 0.2 (its README:
     #: "(0.6, 0.2) and (0.8, 0.4) for p2pinv and p2p respectively"), self-attention replaced in
     #: layers of at most 16² queries (its ptp_classes.replace_self_attention)
     control_defaults = {"p2p": {"cross_replace": 0.6, "self_replace": 0.2, "self_max_tokens": 16 * 16}}
 
-    def invert(self, model, z0, source_prompt, steps, guidance, schedule_mode, progress, **options) -> Inversion:
-        """Sample independent levels, extract ``noise_maps`` at cfg_src = ``guidance`` (N UNet calls)."""
-        started, calls = time.perf_counter(), counters(model)
-        schedule = make_schedule(model.scheduler_config, steps, schedule_mode)
+    def _invert(self, model, z0, source_prompt, schedule, guidance, options, progress):
+        """Sample independent levels, extract ``noise_maps`` at cfg_src = ``guidance`` (N UNet calls):
+        ``xts (N+1, C, h, w)`` re-set and ``noise_maps (N, C, h, w)``."""
         z0 = z0.to(model.device, model.latent_dtype)
         emb = torch.cat([embed(model, [""]), embed(model, [source_prompt])])
         xts, maps = extract_noise(model, sample_levels(z0, schedule), emb, schedule, float(guidance), progress)
-        return self.make_record(
-            model,
-            z0,
-            source_prompt,
-            schedule,
-            guidance,
-            {"xts": xts, "noise_maps": maps},
-            {},
-            started,
-            calls,
-            schedule_mode,
-        )
+        return {"xts": xts, "noise_maps": maps}, {}
 
-    def program(
-        self,
-        model,
-        inv: Inversion,
-        targets: Sequence[str],
-        guidance: float,
-        with_source: bool,
-        skip: Any = None,
-        shift: Any = 0,
-        color: Any = None,
-        **options,
-    ) -> EditProgram:
+    def program(self, model, inv, schedule, targets, guidance, with_source, options) -> EditProgram:
         """Targets at ``guidance`` from ``xts[N − skip]``, step ``skip`` on, with the stored z's."""
-        schedule = schedule_of(model, inv)
         n = schedule.num_steps
-        if skip is None:
-            skip = default_skip(n)
+        skip = default_skip(n) if options.skip is None else options.skip
         if isinstance(skip, bool) or not isinstance(skip, numbers.Integral) or not 0 <= skip < n:
             raise PyinvError(
                 f"skip must be an integer in [0, {n}) for this {n}-step inversion, got {skip!r}"
@@ -210,8 +224,8 @@ class EditFriendlyInversion(Method):
             )
         skip = int(skip)
         xts, maps = inv["xts"].to(model.device), inv["noise_maps"].to(model.device)
-        dy, dx = parse_shift(shift, *xts.shape[-2:])
-        paint = parse_color(color, inv.z0) if color is not None else None
+        dy, dx = parse_shift(options.shift, *xts.shape[-2:])
+        paint = parse_color(options.color, inv.z0) if options.color is not None else None
         prompts = ([inv.source_prompt] if with_source else []) + list(targets)
         B, first = len(prompts), int(with_source)
         start = xts[n - skip : n - skip + 1].expand(B, -1, -1, -1).clone()

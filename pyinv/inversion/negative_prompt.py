@@ -8,22 +8,18 @@ guidance-1 DDIM reconstruction.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from ..loop import EditProgram
-from .base import embed, schedule_of
+from .base import embed
 from .ddim import DDIMInversion
-from .record import Inversion
 
 
 class NegativePromptInversion(DDIMInversion):
     name = "negative-prompt"
     summary = "DDIM inversion; the source prompt replaces the null text in CFG"
 
-    def program(self, model, inv: Inversion, targets: Sequence[str], guidance: float, with_source: bool, **options):
-        schedule = schedule_of(model, inv)
+    def program(self, model, inv, schedule, targets, guidance, with_source, options):
         prompts = ([inv.source_prompt] if with_source else []) + list(targets)
         B = len(prompts)
         src = embed(model, [inv.source_prompt])

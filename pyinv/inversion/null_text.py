@@ -8,40 +8,29 @@ place of ∅ at step t for every branch; the source branch reconstructs the imag
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from ..loop import EditProgram
-from ..schedule import make_schedule
-from .base import Method, counters, ddim_invert, embed, schedule_of
-from .optimise import check_options, optimise_embeddings
-from .record import Inversion
+from .base import Method, ddim_invert, embed
+from .optimise import EmbeddingOptions, optimise_embeddings
+
+
+@dataclass(frozen=True)
+class NullTextOptions(EmbeddingOptions):
+    """Null-text inversion's inversion options (recorded): those of the optimisation."""
 
 
 class NullTextInversion(Method):
     name = "null-text"
     summary = "DDIM pivot + per-step optimised null-text embeddings (fp32)"
-    invert_options = {"inner_steps": 10, "epsilon": 1e-5}
+    invert_options_type = NullTextOptions
     tensors = ("trajectory", "null_embeddings")
 
-    def invert(
-        self,
-        model,
-        z0,
-        source_prompt,
-        steps,
-        guidance,
-        schedule_mode,
-        progress,
-        inner_steps: int = 10,
-        epsilon: float = 1e-5,
-        **options,
-    ):
-        inner_steps, epsilon = check_options(inner_steps, epsilon)
-        started, calls = time.perf_counter(), counters(model)
-        schedule = make_schedule(model.scheduler_config, steps, schedule_mode)
+    def _invert(self, model, z0, source_prompt, schedule, guidance, options, progress):
+        """The pivot ``trajectory (N+1, C, h, w)`` and ``null_embeddings (N, L, D)``; the stats
+        hold each step's first and last inner loss and its inner iterations."""
         cond = embed(model, [source_prompt])
         traj = ddim_invert(model, z0, cond, schedule, progress)
         nulls, first, last, iters = optimise_embeddings(
@@ -52,28 +41,15 @@ class NullTextInversion(Method):
             schedule,
             guidance,
             "uncond",
-            inner_steps=inner_steps,
-            epsilon=epsilon,
+            inner_steps=options.inner_steps,
+            epsilon=options.epsilon,
             progress=progress,
             desc="null-text optimisation",
         )
-        inv = self.make_record(
-            model,
-            z0,
-            source_prompt,
-            schedule,
-            guidance,
-            {"trajectory": traj, "null_embeddings": nulls},
-            {"inner_steps": inner_steps, "epsilon": epsilon},
-            started,
-            calls,
-            schedule_mode,
-        )
-        inv.stats.update(loss_first=first, loss_last=last, inner_iterations=iters)
-        return inv
+        tensors = {"trajectory": traj, "null_embeddings": nulls}
+        return tensors, {"loss_first": first, "loss_last": last, "inner_iterations": iters}
 
-    def program(self, model, inv: Inversion, targets: Sequence[str], guidance: float, with_source: bool, **options):
-        schedule = schedule_of(model, inv)
+    def program(self, model, inv, schedule, targets, guidance, with_source, options):
         prompts = ([inv.source_prompt] if with_source else []) + list(targets)
         B = len(prompts)
         nulls = inv["null_embeddings"].to(model.device)

@@ -17,14 +17,17 @@ Returns the per-step embeddings ``(N, L, D)`` and the per-step first/last inner 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..argtypes import positive_int
 from ..errors import PyinvError
 from ..schedule import Schedule, ddim_step, guided
+from .options import MethodOptions, option
 
 Slot = Literal["uncond", "cond"]
 
@@ -32,13 +35,26 @@ Slot = Literal["uncond", "cond"]
 MAX_INNER_STEPS = 1000
 
 
-def check_options(inner_steps: object, epsilon: object) -> tuple[int, float]:
-    """``inner_steps`` an integer in [1, MAX_INNER_STEPS], ``epsilon`` a finite number ≥ 0."""
-    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or not 1 <= inner_steps <= MAX_INNER_STEPS:
-        raise PyinvError(f"inner_steps must be an integer in [1, {MAX_INNER_STEPS}], got {inner_steps!r}")
-    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not 0 <= epsilon < float("inf"):
-        raise PyinvError(f"epsilon must be a finite number ≥ 0, got {epsilon!r}")
-    return inner_steps, float(epsilon)
+@dataclass(frozen=True)
+class EmbeddingOptions(MethodOptions):
+    """Options of the per-step embedding optimisation (Null-text and Prompt-tuning inversion).
+
+    ``inner_steps`` K is an integer in [1, MAX_INNER_STEPS]; ``epsilon`` ε, the early-stop
+    threshold (step i stops once ``loss < ε + i · 2e-5``), a finite number ≥ 0 (kept as a float).
+    """
+
+    inner_steps: int = option(
+        10, "optimisation steps per timestep", flag="--inner-steps", parse=positive_int, metavar="K"
+    )
+    epsilon: float = option(1e-5, "early-stop loss threshold, plus 2e-5 per step")
+
+    def __post_init__(self):
+        k, eps = self.inner_steps, self.epsilon
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_INNER_STEPS:
+            raise PyinvError(f"inner_steps must be an integer in [1, {MAX_INNER_STEPS}], got {k!r}")
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 <= eps < float("inf"):
+            raise PyinvError(f"epsilon must be a finite number ≥ 0, got {eps!r}")
+        object.__setattr__(self, "epsilon", float(eps))
 
 
 def optimise_embeddings(
@@ -49,8 +65,9 @@ def optimise_embeddings(
     schedule: Schedule,
     guidance: float,
     slot: Slot,
-    inner_steps: int = 10,
-    epsilon: float = 1e-5,
+    *,
+    inner_steps: int,
+    epsilon: float,
     progress: bool = False,
     desc: str = "optimise",
 ) -> tuple[torch.Tensor, list[float], list[float], list[int]]:

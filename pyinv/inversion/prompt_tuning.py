@@ -10,17 +10,46 @@ ordinary CFG from ``z*_T``; the source branch uses ``c*_t`` itself (a reconstruc
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 
+from ..argtypes import unit_float
+from ..checks import check_text
 from ..errors import PyinvError
 from ..loop import EditProgram
-from ..schedule import make_schedule
-from .base import Method, counters, ddim_invert, embed, schedule_of
-from .optimise import check_options, optimise_embeddings
-from .record import Inversion
+from .base import Method, ddim_invert, embed
+from .optimise import EmbeddingOptions, optimise_embeddings
+from .options import MethodOptions, option
+
+
+@dataclass(frozen=True)
+class PromptTuningOptions(EmbeddingOptions):
+    """Prompt-tuning inversion's inversion options (recorded; ``init_prompt`` as the text the
+    embeddings started from: the source prompt when one was given)."""
+
+    init_prompt: str | None = option(
+        None, "the text the tuned embeddings start from without a source prompt", default_text="the source prompt"
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init_prompt is not None:
+            check_text(self.init_prompt, "init_prompt")
+
+
+@dataclass(frozen=True)
+class PromptTuningEditOptions(MethodOptions):
+    """Prompt-tuning's edit options: ``eta`` η in [0, 1] blends ``η · c_tgt + (1 − η) · c*_t``."""
+
+    eta: float = option(0.8, "weight of the target prompt, in [0, 1]", flag="--eta", parse=unit_float)
+
+    def __post_init__(self):
+        eta = self.eta
+        if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0.0 <= eta <= 1.0:
+            raise PyinvError(f"prompt-tuning eta must be in [0, 1], got {eta}")
+        object.__setattr__(self, "eta", float(eta))
 
 
 class PromptTuningInversion(Method):
@@ -28,78 +57,45 @@ class PromptTuningInversion(Method):
     summary = "DDIM pivot + per-step optimised conditional embeddings, blended with the target"
     needs_source_prompt = False
     tensors = ("trajectory", "cond_embeddings")
-    invert_options = {"inner_steps": 10, "epsilon": 1e-5, "init_prompt": None}
-    edit_options = {"eta": 0.8}
+    invert_options_type = PromptTuningOptions
+    edit_options_type = PromptTuningEditOptions
 
-    def invert(
-        self,
-        model,
-        z0,
-        source_prompt,
-        steps,
-        guidance,
-        schedule_mode,
-        progress,
-        inner_steps: int = 10,
-        epsilon: float = 1e-5,
-        init_prompt: str | None = None,
-        **options,
-    ):
-        inner_steps, epsilon = check_options(inner_steps, epsilon)
-        init_text = source_prompt or init_prompt
+    def prepare(self, model, source_prompt, options):
+        """``init_prompt`` becomes the text the embeddings start from: the source prompt when
+        one is given, else the ``init_prompt`` given (one of them must be)."""
+        init_text = source_prompt or options.init_prompt
         if init_text is not None:
             model.check_prompt_length(init_text, "init_prompt")
         if not init_text:
             raise PyinvError("prompt-tuning inversion needs a source prompt or an init prompt (the target prompt)")
-        started, calls = time.perf_counter(), counters(model)
-        schedule = make_schedule(model.scheduler_config, steps, schedule_mode)
+        return dataclasses.replace(options, init_prompt=init_text)
+
+    def _invert(self, model, z0, source_prompt, schedule, guidance, options, progress):
+        """The pivot ``trajectory (N+1, C, h, w)`` (with ∅ when the source prompt is empty)
+        and the tuned ``cond_embeddings (N, L, D)``; stats as null-text's."""
         pivot = embed(model, [source_prompt])  # "" → the unconditional embedding (ω = 0)
         traj = ddim_invert(model, z0, pivot, schedule, progress)
         conds, first, last, iters = optimise_embeddings(
             model,
             traj,
-            embed(model, [init_text]),
+            embed(model, [options.init_prompt]),
             embed(model, [""]),
             schedule,
             guidance,
             "cond",
-            inner_steps=inner_steps,
-            epsilon=epsilon,
+            inner_steps=options.inner_steps,
+            epsilon=options.epsilon,
             progress=progress,
             desc="prompt tuning",
         )
-        inv = self.make_record(
-            model,
-            z0,
-            source_prompt,
-            schedule,
-            guidance,
-            {"trajectory": traj, "cond_embeddings": conds},
-            {"inner_steps": inner_steps, "epsilon": epsilon, "init_prompt": init_text},
-            started,
-            calls,
-            schedule_mode,
-        )
-        inv.stats.update(loss_first=first, loss_last=last, inner_iterations=iters)
-        return inv
+        tensors = {"trajectory": traj, "cond_embeddings": conds}
+        return tensors, {"loss_first": first, "loss_last": last, "inner_iterations": iters}
 
-    def program(
-        self,
-        model,
-        inv: Inversion,
-        targets: Sequence[str],
-        guidance: float,
-        with_source: bool,
-        eta: float = 0.8,
-        **options,
-    ):
-        if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0.0 <= eta <= 1.0:
-            raise PyinvError(f"prompt-tuning eta must be in [0, 1], got {eta}")
-        schedule = schedule_of(model, inv)
+    def program(self, model, inv, schedule, targets, guidance, with_source, options):
         B = len(targets) + int(with_source)
         tuned = inv["cond_embeddings"].to(model.device)
         tgt = embed(model, list(targets) or [""])[: len(targets)]  # no rows for a reconstruction
-        weights = torch.full((B, 1, 1), float(eta), device=model.device)
+        weights = torch.full((B, 1, 1), options.eta, device=model.device)
         if with_source:
             tgt = torch.cat([torch.zeros_like(tuned[:1]), tgt])  # the source's row: weight 0 below
             weights[0] = 0.0

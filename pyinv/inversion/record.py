@@ -4,18 +4,25 @@ It holds the method, the model's fingerprint, the source prompt, the schedule, a
 method's tensors (pivot trajectory, per-step embeddings, noise maps, …). It is
 saved as one safetensors file whose header metadata carries the JSON description, so
 one image can be inverted once and edited many times, in this process or a later one.
+
+The record knows the file format and checks itself; what it needs to know of its method
+(:class:`MethodFacts`) comes from the caller or from the registry (a leaf module), never
+from the methods' package above it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from ..errors import PyinvError
+from ..fingerprint import fingerprints_match
+from .registry import get_method
 
 FORMAT_NAME = "pyinv.inversion"
 FORMAT_VERSION = 1
@@ -32,6 +39,24 @@ TENSOR_SHAPES: dict[str, tuple[str | int, ...]] = {
     "edict_x": (1, "C", "h", "w"),
     "edict_y": (1, "C", "h", "w"),
 }
+
+
+class MethodFacts(Protocol):
+    """What checking a record needs to know of the method it names (a registered
+    :class:`~pyinv.inversion.base.Method` provides it)."""
+
+    @property
+    def invert_options(self) -> Mapping[str, Any]:
+        """The names of the options a record of this method may hold (→ defaults)."""
+        ...
+
+    def recorded_options(self, inv: Inversion) -> object:
+        """The record's options, checked: a bad value raises a :class:`PyinvError`."""
+        ...
+
+    def required_tensors(self, inv: Inversion) -> tuple[str, ...]:
+        """The tensors (besides ``z0``) an edit of this method reads."""
+        ...
 
 
 def _size(dim: str | int, sizes: dict[str, int]) -> int:
@@ -172,22 +197,25 @@ class Inversion:
             inv.check_model(model)
         return inv
 
-    def check_tensors(self, label: str = "inversion") -> None:
+    def check_tensors(self, label: str = "inversion", method: MethodFacts | None = None) -> None:
         """Raise a clear error unless the metadata and tensors are consistent and usable: a
         known method and its options, ``1 ≤ num_steps ≤`` the schedule's training steps with
         that many timesteps, finite guidance, and every tensor the method needs, with the
-        shape :data:`TENSOR_SHAPES` gives, a floating dtype and only finite values."""
+        shape :data:`TENSOR_SHAPES` gives, a floating dtype and only finite values.
+
+        ``method``: the facts of the method the record names (default: the registered one).
+        """
         from ..checks import check_guidance
-        from . import get_method
 
         try:
-            algo = get_method(self.method)
+            algo = method if method is not None else get_method(self.method)
         except PyinvError as exc:
             raise PyinvError(f"{label}: {exc}") from None
         unknown = sorted(set(self.options) - set(algo.invert_options))
         if unknown:
             raise PyinvError(f"{label}: method {self.method!r} has no option(s) {', '.join(unknown)}")
         try:
+            algo.recorded_options(self)
             check_guidance(self.guidance, "guidance")
         except PyinvError as exc:
             raise PyinvError(f"{label}: {exc}") from None
@@ -239,16 +267,17 @@ class Inversion:
         ):
             raise PyinvError(f"{label}: its schedule does not hold {self.num_steps} timesteps in [0, {train})")
 
-    def check_model(self, model) -> None:
-        """Raise a clear error when this inversion was made with another model."""
-        from ..models import fingerprints_match
+    def check_model(self, model, method: MethodFacts | None = None) -> None:
+        """Raise a clear error when this inversion was made with another model, or does not
+        fit it, or fails :meth:`check_tensors` (``method`` as there).
 
+        Uses the model's cached fingerprint: no device synchronisation per edit."""
         if not fingerprints_match(self.model, model.fingerprint()):
             raise PyinvError(
                 f"this inversion was made with model {self.model.get('name')!r}, "
                 f"not with the loaded model {model.name!r}; invert the image again with this model"
             )
-        self.check_tensors()
+        self.check_tensors(method=method)
         expected = {
             "image_size": (self.image_size, model.image_size),
             "latent channels": (self.z0.shape[1], model.latent_channels),
