@@ -71,12 +71,12 @@ def add_benchmark_parser(sub) -> None:
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from ..bench import speed
-    from ..bench.report import write_json, write_text
     from ..bench.speed_report import markdown_lines, plot, table_lines, target_lines
     from ..errors import PyinvError
     from ..imageio import check_writable
     from ..models import parse_device, parse_dtype
     from ..provenance import provenance
+    from ..reports import write_json, write_text
 
     started = time.perf_counter()
     if args.warmup is not None and args.warmup < 0:

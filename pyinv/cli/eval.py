@@ -132,9 +132,9 @@ def _add_pie_parser(benches) -> None:
 
 def cmd_eval_shapes(args: argparse.Namespace) -> int:
     from ..bench import shapes_bench as sb
-    from ..bench.report import write_json, write_text
     from ..imageio import check_writable
     from ..provenance import provenance
+    from ..reports import write_json, write_text
 
     started = time.perf_counter()
     configs = sb.matrix(args.method, args.control)
@@ -194,9 +194,9 @@ def cmd_eval_pie_bench(args: argparse.Namespace) -> int:
 
     from ..bench import pie_bench as pb
     from ..bench.pie_metrics import PieMetrics
-    from ..bench.report import write_json, write_text
     from ..imageio import check_writable
     from ..provenance import provenance
+    from ..reports import write_json, write_text
 
     started = time.perf_counter()
     configs = pb.matrix(args.method, args.control)

@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid:
         image_grid(images, columns=20).save(args.grid)
     if args.json:
-        from ..bench.report import write_json
         from ..provenance import provenance
+        from ..reports import write_json
 
         settings = {"model": args.model, "count": args.count, "steps": args.steps, "guidance": args.guidance}
         settings["schedule"] = "reference"
