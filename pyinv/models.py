@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ __all__ = [
     "quiet_libraries",
     "save_model",
 ]
+
+#: guards the lazily made float32 copies of a model's modules
+_COPY_LOCK = threading.Lock()
 
 DTYPES = {
     "fp32": torch.float32,
@@ -132,7 +136,7 @@ class DiffusionModel:
     image_size: int
     unet_calls: int = 0
     unet_image_forwards: int = 0
-    _fp32_unet: torch.nn.Module | None = field(default=None, repr=False)
+    _fp32_copies: dict[str, torch.nn.Module] = field(default_factory=dict, repr=False)
     _fingerprint: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -223,9 +227,7 @@ class DiffusionModel:
         scaled = latents / self.scaling_factor
         image = self.vae.decode(scaled.to(self.vae.dtype)).sample
         if not torch.isfinite(image).all() and self.vae.dtype != torch.float32:
-            vae32 = self.vae.float()
-            image = vae32.decode(scaled.float()).sample
-            self.vae.to(self.dtype)
+            image = self.fp32_copy("vae").decode(scaled.float()).sample
         return image.float().clamp(-1, 1)
 
     # ------------------------------------------------------------------ unet
@@ -263,11 +265,19 @@ class DiffusionModel:
         """
         if self.dtype in (torch.float32, torch.float64):
             return self.unet
-        if self._fp32_unet is None:
-            import copy
+        return self.fp32_copy("unet")
 
-            self._fp32_unet = copy.deepcopy(self.unet).float()
-        return self._fp32_unet
+    def fp32_copy(self, part: str) -> torch.nn.Module:
+        """A float32 copy of ``part`` (``"unet"`` or ``"vae"``), made once, when first asked for;
+        the model's own modules are never converted in place, so concurrent calls never see a
+        module change dtype under them."""
+        with _COPY_LOCK:
+            copies = self._fp32_copies
+            if part not in copies:
+                import copy
+
+                copies[part] = copy.deepcopy(getattr(self, part)).float()
+            return copies[part]
 
     def unet_forward_grad(self, latents: torch.Tensor, t: int, embeddings: torch.Tensor) -> torch.Tensor:
         """UNet call in fp32 with autograd enabled (for embedding optimisation)."""

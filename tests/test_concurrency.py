@@ -73,3 +73,30 @@ def test_one_controller_object_serves_concurrent_edits(editor, inv):
     with ThreadPoolExecutor(3) as pool:
         outs = list(pool.map(job, range(3)))
     assert all(torch.equal(out, alone) for out in outs)
+
+
+def test_a_half_precision_decode_that_overflows_uses_a_float32_copy(monkeypatch):
+    """The fp32 redo of an overflowing half-precision decode runs on a float32 copy of the VAE:
+    the model's own VAE never changes dtype (a concurrent decode would see it change)."""
+    from pyinv.models import load_model
+
+    model = load_model("tiny", dtype="bf16")
+    vae = model.vae
+    real_decode = type(vae).decode
+    dtypes = []
+
+    def overflowing_in_half(self, z, *args, **kwargs):
+        dtypes.append((self.dtype, vae.dtype))  # the decoding module's and the model's own VAE's
+        out = real_decode(self, z, *args, **kwargs)
+        if self.dtype != torch.float32:
+            out.sample.fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(type(vae), "decode", overflowing_in_half)
+    z = torch.randn(1, model.latent_channels, model.latent_size, model.latent_size)
+    image = model.decode(z)
+    assert torch.isfinite(image).all()
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert dtypes == [(bf16, bf16), (fp32, bf16)] and vae.dtype == bf16
+    copy = model.fp32_copy("vae")
+    assert copy is not vae and copy.dtype == torch.float32 and model.fp32_copy("vae") is copy
