@@ -14,7 +14,9 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 what=${1:-all}
 
-# the compiled ops for Hopper (C++ and CUDA)
+# the compiled ops for Hopper (C++ and CUDA); torch finds the toolkit from CUDA_HOME (else from
+# where nvcc is, which may be a link outside the toolkit)
+if [[ -z ${CUDA_HOME:-} && -d /usr/local/cuda ]]; then export CUDA_HOME=/usr/local/cuda; fi
 TORCH_CUDA_ARCH_LIST=9.0 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || tail -20 "$OUT/build.log"
 python3 -m pyinv info --json > "$OUT/info.json" 2>&1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv > "$OUT/nvidia-smi.csv" 2>&1
