@@ -25,6 +25,7 @@ from .imageio import center_crop_resize, load_image, pil_to_tensor, tensor_to_pi
 from .inversion import Inversion, get_method
 from .models import DiffusionModel, load_model
 from .schedule import SCHEDULE_MODES, make_schedule
+from .seeding import seeded
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
@@ -242,7 +243,7 @@ class Editor:
         except ValueError as exc:
             raise PyinvError(str(exc)) from None
         z0 = latents()
-        with _seeded(seed, self.model.device):
+        with seeded(seed):
             return algo.invert(self.model, z0, source_prompt, steps, guidance, mode, self.progress, **options)
 
     # ------------------------------------------------------------------ edit
@@ -299,7 +300,7 @@ class Editor:
         self.model.check_prompt_length(inv.source_prompt, "the inversion's source prompt")
         self.check_prompts(None, targets)
         algo.edit_options_of(options)  # unknown names and bad values, before any work
-        with _seeded(seed, self.model.device):
+        with seeded(seed):
             return algo.edit(self.model, inv, targets, guidance, control, with_source, self.progress, **options)
 
     def edit_latents(
@@ -357,24 +358,3 @@ class Editor:
     def load_inversion(self, path: str | os.PathLike) -> Inversion:
         """Load an inversion file made with this editor's model (else a clear error)."""
         return Inversion.load(path, model=self.model)
-
-
-class _seeded:
-    """Seed torch's RNGs for the block (restoring them after) when ``seed`` is given."""
-
-    def __init__(self, seed: int | None, device: torch.device):
-        self.seed = seed
-        self.devices = [device] if device.type == "cuda" else []
-        self._fork = None
-
-    def __enter__(self):
-        if self.seed is not None:
-            self._fork = torch.random.fork_rng(devices=self.devices)
-            self._fork.__enter__()
-            torch.manual_seed(int(self.seed))
-        return self
-
-    def __exit__(self, *exc):
-        if self._fork is not None:
-            return self._fork.__exit__(*exc)
-        return False

@@ -100,3 +100,34 @@ def test_a_half_precision_decode_that_overflows_uses_a_float32_copy(monkeypatch)
     assert dtypes == [(bf16, bf16), (fp32, bf16)] and vae.dtype == bf16
     copy = model.fp32_copy("vae")
     assert copy is not vae and copy.dtype == torch.float32 and model.fp32_copy("vae") is copy
+
+
+def test_seeded_inversions_are_reproducible_while_other_threads_draw(editor, image):
+    """A seeded EF-DDPM inversion draws its noise from a generator of its own: unseeded
+    inversions running at the same time (drawing from torch's global generator) do not
+    change it."""
+    alone = editor.invert(image, SRC, method="edit-friendly", steps=6, seed=7)["xts"]
+    barrier = threading.Barrier(4)
+
+    def job(k):
+        barrier.wait()
+        seed = 7 if k % 2 == 0 else None
+        return seed, editor.invert(image, SRC, method="edit-friendly", steps=6, seed=seed)["xts"]
+
+    for _ in range(2):
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(job, range(4)))
+        assert all(torch.equal(xts, alone) for seed, xts in results if seed == 7)
+        assert not any(torch.equal(xts, alone) for seed, xts in results if seed is None)
+
+
+def test_a_seeded_draw_equals_the_global_generator_after_manual_seed():
+    """Seeds give the numbers they gave when seeding set torch's global generator."""
+    from pyinv.seeding import normal, seeded
+
+    for seed in (0, 7, 2**64 - 1):
+        with seeded(seed):
+            ours = normal((3, 4, 5))
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            assert torch.equal(ours, torch.randn(3, 4, 5))

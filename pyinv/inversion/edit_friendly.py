@@ -40,6 +40,7 @@ from ..argtypes import non_negative_int
 from ..errors import PyinvError
 from ..loop import EditProgram
 from ..schedule import Schedule, ddpm_mean, guided
+from ..seeding import normal
 from .base import Method, embed
 from .options import MethodOptions, option
 
@@ -64,7 +65,7 @@ def sample_levels(z0: torch.Tensor, schedule: Schedule) -> torch.Tensor:
     ``timesteps[N−k]`` with independent ``ε_k ~ N(0, I)`` (drawn on the CPU: seeds reproduce
     across devices)."""
     n = schedule.num_steps
-    noise = torch.randn((n, *z0.shape[1:]), dtype=torch.float32).to(z0.device, z0.dtype)
+    noise = normal((n, *z0.shape[1:])).to(z0.device, z0.dtype)
     rows = [z0]
     for k in range(1, n + 1):
         a = schedule.alpha(schedule.timesteps[n - k])
