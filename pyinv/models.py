@@ -149,6 +149,12 @@ class DiffusionModel:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
     @property
+    def traced_unet(self) -> bool:
+        """The UNet runs traced (a ``torch.compile`` wrapper): a controlled edit then applies its
+        control at every step, so that one graph serves all of them (``Controller.graph_static``)."""
+        return hasattr(self.unet, "_orig_mod")
+
+    @property
     def latent_dtype(self) -> torch.dtype:
         """The dtype latents, embeddings and step math use: float32 (float64 for fp64 models)."""
         return torch.float64 if self.dtype == torch.float64 else torch.float32

@@ -67,3 +67,20 @@ def test_one_graph_per_layout_over_whole_edits(editor, inv, name):
                 assert torch.equal(out.latents, eager[k])
     finally:
         torch._dynamo.reset()
+
+
+def test_default_controllers_apply_every_term_under_a_compiled_unet(editor, inv):
+    """Without ``graph_static`` a controller applies its control at every step exactly when the
+    UNet is compiled, so its whole edit is one graph, equal to the eager edit that does the same."""
+    make = lambda **kw: P2P(edit="refine", blend=LocalBlend("ball", "cube", threshold=0.97), **kw)  # noqa: E731
+    assert make().graph_static is None and not editor.model.traced_unet
+    eager = editor.edit(inv, [TGT], control=make(graph_static=True)).latents
+    torch._dynamo.reset()
+    try:
+        fast, graphs = compiled_editor(editor)
+        assert fast.model.traced_unet
+        out = fast.edit(inv, [TGT], control=make())
+        assert len(graphs) == 1
+        assert torch.equal(out.latents, eager)
+    finally:
+        torch._dynamo.reset()

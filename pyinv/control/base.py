@@ -106,11 +106,18 @@ class Controller:
             runs the source branch's passes only when something reads them).
         graph_static: plans apply every term at every step (identity indices, zero matrices
             outside the windows), as a compiled or exported UNet needs for one graph over all
-            steps; otherwise a step skips the terms that are no-ops at it.
+            steps; ``False``: a step skips the terms that are no-ops at it; ``None`` (the
+            default): ``True`` exactly when the model's UNet is traced (``torch.compile``).
     """
 
     reads_source: frozenset[str] = frozenset()
-    graph_static: bool = False
+    graph_static: bool | None = None
+
+    def static_for(self, model) -> bool:
+        """Whether this edit's plan applies every term at every step (see ``graph_static``)."""
+        if self.graph_static is not None:
+            return self.graph_static
+        return bool(getattr(model, "traced_unet", False))
 
     def check_prompts(self, model, source_prompt: str, targets: list[str], num_steps: int | None = None) -> None:
         """Fail early (before any UNet work) when the prompts (or the step count, when

@@ -50,7 +50,7 @@ class MasaCtrl(Controller):
 
     reads_source = frozenset({"uncond", "cond"})
 
-    def __init__(self, start_step: int = 4, start_layer: int | None = None, graph_static: bool = False):
+    def __init__(self, start_step: int = 4, start_layer: int | None = None, graph_static: bool | None = None):
         for name, value in (("start_step", start_step), ("start_layer", start_layer)):
             if value is None and name == "start_layer":
                 continue
@@ -58,7 +58,7 @@ class MasaCtrl(Controller):
                 raise PyinvError(f"MasaCtrl {name} must be a non-negative integer, got {value!r}")
         self.start_step = int(start_step)
         self.start_layer = None if start_layer is None else int(start_layer)
-        self.graph_static = bool(graph_static)
+        self.graph_static = None if graph_static is None else bool(graph_static)
 
     def __repr__(self) -> str:
         return f"MasaCtrl(start_step={self.start_step}, start_layer={self.start_layer})"
@@ -99,11 +99,12 @@ class MasaCtrl(Controller):
         chosen = self.controlled_layers(attention_layers(model.unet, size))
         rows = Rows(layout, model.device)
         active = [k >= self.start_step for k in range(calls)]
-        routed = active if self.graph_static else [True] * calls
+        static = self.static_for(model)
+        routed = active if static else [True] * calls
         kv = rows.per_step_index({"uncond": "uncond", "cond": "cond"}, routed)
         rule = MasaRule(layers=frozenset(x.name for x in chosen))
         steps = [frozenset({"masa"}) if on else frozenset() for on in active]
-        return StepTable(rule, program.first_step, {"kv": kv}, {}, steps, frozenset({"masa"}), self.graph_static)
+        return StepTable(rule, program.first_step, {"kv": kv}, {}, steps, frozenset({"masa"}), static)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -127,7 +127,7 @@ class P2P(Controller):
         self_replace=None,
         reweight: dict[str, float] | None = None,
         blend: LocalBlend | tuple | None = None,
-        graph_static: bool = False,
+        graph_static: bool | None = None,
     ):
         if edit not in EDITS:
             raise PyinvError(f"unknown P2P edit {edit!r}; use one of {', '.join(EDITS)}")
@@ -154,7 +154,7 @@ class P2P(Controller):
         self.self_replace = self_replace
         self.reweight = dict(reweight or {})
         self.blend = blend
-        self.graph_static = bool(graph_static)
+        self.graph_static = None if graph_static is None else bool(graph_static)
 
     def windows(self, defaults) -> tuple:
         """``(cross_replace, self_replace)``: as given, else the inversion method's P2P reference
@@ -172,7 +172,7 @@ class P2P(Controller):
 
     @classmethod
     def pie_bench(
-        cls, source_word: str | None = None, target_word: str | None = None, graph_static: bool = False
+        cls, source_word: str | None = None, target_word: str | None = None, graph_static: bool | None = None
     ) -> P2P:
         """The P2P settings of PnP-Inversion's PIE-Bench runs: refine, cross-attention window
         0.4, self-attention window 0.6, LocalBlend on the edited words, and the target's
@@ -359,6 +359,7 @@ class P2PPlan(StepTable):
         key_scale = torch.ones(calls, rows.size, alpha.shape[-1], dtype=torch.float64)
         key_scale[:, [r for r, _ in rows.targets["cond"]]] = target_scale
         in_self = [s0 <= k < s1 for k in range(calls)]
+        static = control.static_for(model)
         active = []
         for k in range(calls):
             terms = {"maps"} if blend is not None else set()
@@ -373,9 +374,7 @@ class P2PPlan(StepTable):
             "key_scale": key_scale.to(dev, dtype),
         }
         if self_layers:
-            per_step["self_qk"] = rows.per_step_index(
-                {"cond": "cond"}, in_self if control.graph_static else [True] * calls
-            )
+            per_step["self_qk"] = rows.per_step_index({"cond": "cond"}, in_self if static else [True] * calls)
         constant = {"targets": self.target_cond}
         terms = frozenset({"cross", "self"} | ({"maps"} if blend is not None else set()))
         if blend is not None:
@@ -383,7 +382,7 @@ class P2PPlan(StepTable):
             constant["blend_targets"] = maps.blend_targets[order].to(dev)
             self.maps_shape = (1 + len(order), self.blend_size[0] * self.blend_size[1])
             self.blend_start, self.threshold = first + maps.blend_start, blend.threshold
-        super().__init__(rule, first, per_step, constant, active, terms, control.graph_static)
+        super().__init__(rule, first, per_step, constant, active, terms, static)
 
     def blend_mask(self, i: int, maps: torch.Tensor | None) -> torch.Tensor | None:
         if self.maps_shape is None or i < self.blend_start:

@@ -69,7 +69,7 @@ class PnP(Controller):
         feature_layer: str | None = None,
         attention_layers: list[str] | None = None,
         negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT,
-        graph_static: bool = False,
+        graph_static: bool | None = None,
     ):
         for name, value in (("feature_steps", feature_steps), ("attention_steps", attention_steps)):
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -84,7 +84,7 @@ class PnP(Controller):
         self.negative_prompt = negative_prompt
         #: the negative prompt is the reference's default (dropped where the model lacks its words)
         self.reference_negative = negative_prompt is DEFAULT_NEGATIVE_PROMPT
-        self.graph_static = bool(graph_static)
+        self.graph_static = None if graph_static is None else bool(graph_static)
 
     def __repr__(self) -> str:
         return (
@@ -142,10 +142,10 @@ class PnP(Controller):
         source = {"uncond": "uncond", "cond": "uncond"}
         steps = range(first, n)
         features, attention = [i < feature_until for i in steps], [i < attention_until for i in steps]
-        everywhere = [True] * len(steps)
+        everywhere, static = [True] * len(steps), self.static_for(model)
         per_step = {
-            "features": rows.per_step_index(source, features if self.graph_static else everywhere),
-            "qk": rows.per_step_index(source, attention if self.graph_static else everywhere),
+            "features": rows.per_step_index(source, features if static else everywhere),
+            "qk": rows.per_step_index(source, attention if static else everywhere),
         }
         active = [
             frozenset({"features"} if f else set()) | frozenset({"attention"} if a else set())
@@ -153,7 +153,7 @@ class PnP(Controller):
         ]
         rule = PnPRule(layers=frozenset(x.name for x in chosen), feature_modules=frozenset({feature}))
         terms = frozenset({"features", "attention"})
-        return StepTable(rule, first, per_step, {}, active, terms, self.graph_static)
+        return StepTable(rule, first, per_step, {}, active, terms, static)
 
 
 @dataclass(frozen=True, kw_only=True)

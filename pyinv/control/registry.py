@@ -34,7 +34,7 @@ NONE = "none"
 DEFAULT_CONTROL = "p2p"
 
 #: the benchmarks' builder of a controller: ``(words, graph_static) -> controller``
-BenchmarkBuilder = Callable[[Sequence[str] | None, bool], Controller]
+BenchmarkBuilder = Callable[[Sequence[str] | None, bool | None], Controller]
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class ControlKind:
             return None
         return self.cls(**settings)
 
-    def benchmark(self, words: Sequence[str] | None = None, graph_static: bool = False) -> Controller | None:
+    def benchmark(self, words: Sequence[str] | None = None, graph_static: bool | None = None) -> Controller | None:
         """The controller in the benchmarks' settings for an edit of ``words`` (the source
         and the target word, or ``None``); ``None`` for the prompt swap."""
         if self.is_prompt_swap:
@@ -74,7 +74,7 @@ class ControlKind:
         return self.cls(graph_static=graph_static)
 
 
-def _p2p_benchmark(words: Sequence[str] | None, graph_static: bool) -> Controller:
+def _p2p_benchmark(words: Sequence[str] | None, graph_static: bool | None) -> Controller:
     """P2P as PIE-Bench runs it: refine, LocalBlend and ×2 reweighting on the edited words
     (without words: the same windows only)."""
     return P2P.pie_bench(*(words or ()), graph_static=graph_static)
@@ -114,7 +114,7 @@ def build_controller(name: str, **settings: Any) -> Controller | None:
 
 
 def benchmark_controller(
-    name: str, words: Sequence[str] | None = None, graph_static: bool = False
+    name: str, words: Sequence[str] | None = None, graph_static: bool | None = None
 ) -> Controller | None:
     """``name``'s controller in the benchmarks' settings (see :meth:`ControlKind.benchmark`)."""
     return get_control(name).benchmark(words, graph_static)
