@@ -138,9 +138,11 @@ class Editor:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         progress: bool = False,
+        backend: str | None = None,
     ) -> Editor:
-        """Load a preset (``tiny``, ``sd15-arch``, …), a diffusers folder or a hub id."""
-        return cls(load_model(name_or_path, device=device, dtype=dtype), progress=progress)
+        """Load a preset (``tiny``, ``sd15-arch``, …), a diffusers folder or a hub id; its UNet
+        runs on ``backend`` (``"eager"``, the default, or ``"compile"``: :mod:`pyinv.backends`)."""
+        return cls(load_model(name_or_path, device=device, dtype=dtype, backend=backend), progress=progress)
 
     # ------------------------------------------------------------------ images
     def prepare_image(self, image: ImageInput) -> torch.Tensor:

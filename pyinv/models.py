@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .backends import Backend, EagerBackend, get_backend
 from .checks import check_text
 from .control.attention import ControlCall, control_scope, install_control
 from .diffusers_folder import load_diffusers, save_model
@@ -136,6 +137,7 @@ class DiffusionModel:
     image_size: int
     unet_calls: int = 0
     unet_image_forwards: int = 0
+    backend: Backend = field(default_factory=EagerBackend)
     _fp32_copies: dict[str, torch.nn.Module] = field(default_factory=dict, repr=False)
     _fingerprint: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
@@ -150,9 +152,10 @@ class DiffusionModel:
 
     @property
     def traced_unet(self) -> bool:
-        """The UNet runs traced (a ``torch.compile`` wrapper): a controlled edit then applies its
-        control at every step, so that one graph serves all of them (``Controller.graph_static``)."""
-        return hasattr(self.unet, "_orig_mod")
+        """The UNet runs traced (the ``compile`` backend, or a ``torch.compile`` wrapper): a
+        controlled edit then applies its control at every step, so that one graph serves all of
+        them (``Controller.graph_static``)."""
+        return self.backend.traced or hasattr(self.unet, "_orig_mod")
 
     @property
     def latent_dtype(self) -> torch.dtype:
@@ -253,15 +256,14 @@ class DiffusionModel:
         self.unet_image_forwards += latents.shape[0]
         sample, text = latents.to(self.dtype), embeddings.to(self.dtype)
         timestep = _timestep(t, latents.device)
+        unet = self.backend.runner(self.unet)
         if control is None:
-            out = self.unet(sample, timestep, encoder_hidden_states=text, return_dict=False)[0]
+            out = unet(sample, timestep, encoder_hidden_states=text, return_dict=False)[0]
             return out.to(self.latent_dtype), None
         call = ControlCall(control)
         with control_scope(call):
             kwargs = {"control": call}
-            out = self.unet(
-                sample, timestep, encoder_hidden_states=text, cross_attention_kwargs=kwargs, return_dict=False
-            )
+            out = unet(sample, timestep, encoder_hidden_states=text, cross_attention_kwargs=kwargs, return_dict=False)
         return out[0].to(self.latent_dtype), call.gathered()
 
     def fp32_unet(self) -> torch.nn.Module:
@@ -326,9 +328,12 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     image_size: int | None = None,
+    backend: str | Backend | None = None,
 ) -> DiffusionModel:
     """Load a preset (``demo``, ``tiny``, ``tiny-v``, ``tiny-pixel``, ``sd15-arch``), a local diffusers
-    Stable Diffusion folder, or a hub id (downloaded by diffusers, cached as usual)."""
+    Stable Diffusion folder, or a hub id (downloaded by diffusers, cached as usual), to run its
+    UNet on ``backend`` (:mod:`pyinv.backends`; default ``eager``)."""
+    runs_on = get_backend(backend)
     dev = parse_device(device)
     dt = parse_dtype(dtype)
     if not name_or_path or not str(name_or_path).strip():
@@ -359,6 +364,7 @@ def load_model(
         device=dev,
         dtype=dt,
         image_size=int(size),
+        backend=runs_on,
     )
 
 

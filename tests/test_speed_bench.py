@@ -192,13 +192,15 @@ def test_a_failing_configuration_is_reported_not_dropped(editor):
 
 
 def test_compile_backend_shares_weights_and_keeps_results(editor, monkeypatch):
-    """``compile`` wraps the UNet in torch.compile (weights shared); traced here with the
-    cheap aot_eager backend, the edit equals the eager one."""
+    """``compile`` runs the UNet on the compile backend (torch.compile, weights shared); traced
+    here with the cheap aot_eager backend, the edit equals the eager one."""
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda module, **kw: real(module, backend="aot_eager", **kw))
     compiled = speed.with_backend(editor, "compile")
-    assert compiled.model.unet is not editor.model.unet
-    assert next(compiled.model.unet.parameters()) is next(editor.model.unet.parameters())
+    assert compiled.model.backend.name == "compile" and compiled.model.traced_unet
+    assert compiled.model.unet is editor.model.unet and editor.model.backend.name == "eager"
+    runner = compiled.model.backend.runner(compiled.model.unet)
+    assert next(runner.parameters()) is next(editor.model.unet.parameters())
     assert speed.with_backend(editor, "eager") is editor
     settings = speed.BenchSettings("tiny", "cpu", 32, steps=2, warmup=0, repeats=1)
     torch._dynamo.reset()

@@ -36,17 +36,15 @@ from typing import Any
 
 import torch
 
+from ..backends import BACKENDS as UNET_BACKENDS
 from ..errors import PyinvError
 
-BACKENDS = ("eager", "compile")
+BACKENDS = tuple(UNET_BACKENDS)  # the benchmark's backend axis
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 STAGES = ("encode", "invert", "edit", "decode", "e2e", "reedit")
 #: methods of the default matrix (each with P2P; prompt swap for methods without control)
 DEFAULT_METHODS = ("direct", "ddim", "negative-prompt", "edit-friendly")
 QUICK_METHODS = ("direct", "ddim")
-
-#: compiled graphs dynamo may keep per function under ``--backend compile``
-COMPILE_CACHE_LIMIT = 64
 
 SOURCE_PROMPT = "a red circle on a blue background"
 TARGET_PROMPT = "a green circle on a blue background"
@@ -185,19 +183,14 @@ def source_image(resolution: int):
 
 
 def with_backend(editor, backend: str):
-    """An editor whose UNet runs on ``backend``: ``eager`` as loaded, ``compile`` through
-    ``torch.compile`` (the weights are shared, not copied)."""
+    """An editor whose UNet runs on ``backend`` (:mod:`pyinv.backends`; the weights are shared,
+    not copied); ``eager`` is the editor as loaded."""
     if backend == "eager":
         return editor
     from ..api import Editor
+    from ..backends import get_backend
 
-    # Each model, batch size and controller layout compiles once; a benchmark matrix holds
-    # many, more than dynamo's default limit per function, past which it would run eagerly.
-    config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(config, name):
-            setattr(config, name, max(getattr(config, name), COMPILE_CACHE_LIMIT))
-    model = replace(editor.model, unet=torch.compile(editor.model.unet, dynamic=False))
+    model = replace(editor.model, backend=get_backend(backend))
     model.reset_counters()
     return Editor(model, progress=editor.progress)
 

@@ -42,11 +42,20 @@ class UsageError(Exception):
 
 # ---------------------------------------------------------------------- arguments
 def add_model_args(p: argparse.ArgumentParser, model_help: str) -> None:
-    """The ``model and runtime`` group: ``--model``, ``--device``, ``--dtype``, ``--seed``, ``--quiet``."""
+    """The ``model and runtime`` group: ``--model``, ``--device``, ``--dtype``, ``--backend``,
+    ``--seed``, ``--quiet``."""
+    from ..backends import BACKENDS
+
     g = p.add_argument_group("model and runtime")
     g.add_argument("--model", metavar="NAME_OR_PATH", help=model_help)
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     g.add_argument("--dtype", help="fp32, fp16 or bf16 (default: fp32)")
+    g.add_argument(
+        "--backend",
+        choices=tuple(BACKENDS),
+        help="how the UNet runs: eager (PyTorch, the default) or compile (torch.compile; the first "
+        "call of each batch layout compiles)",
+    )
     g.add_argument(
         "--seed", type=seed_arg, metavar="S", help="seed for random draws, 0 … 2**64-1 (for reproducible runs)"
     )
@@ -156,12 +165,13 @@ def interrupt_exits() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def load_editor(model: str, device: torch.device, dtype: torch.dtype, progress: bool):
-    """Load the model (the one expensive setup step), without library chatter on stderr."""
+def load_editor(model: str, device: torch.device, dtype: torch.dtype, progress: bool, backend: str | None = None):
+    """Load the model (the one expensive setup step), without library chatter on stderr; its
+    UNet runs on ``backend`` (``None``: eager)."""
     with interrupt_exits():
         from ..api import Editor
 
-        return Editor.from_pretrained(model, device=device, dtype=dtype, progress=progress)
+        return Editor.from_pretrained(model, device=device, dtype=dtype, progress=progress, backend=backend)
 
 
 # ---------------------------------------------------------------------- outputs

@@ -201,7 +201,13 @@ def cmd_invert(args: argparse.Namespace) -> int:
     device, dtype = runtime(args)
     out = inversion_output(args.out, "--out")
     image = read_image(args.image)
-    editor = common.load_editor(args.model or common.DEFAULT_MODEL, device, dtype, progress=not args.quiet)
+    editor = common.load_editor(
+        args.model or common.DEFAULT_MODEL,
+        device,
+        dtype,
+        progress=not args.quiet,
+        backend=getattr(args, "backend", None),
+    )
     before = editor.model.unet_image_forwards
     inv = _invert(editor, image, args, algo, source, args.guidance, options)
     inv.save(out)
@@ -249,7 +255,13 @@ def _edit_image(args: argparse.Namespace, targets: list[str]) -> int:
     saved = inversion_output(args.save_inversion, "--save-inversion") if args.save_inversion else None
     distinct(outputs + ([saved] if saved else []))
     image = read_image(args.image)
-    editor = common.load_editor(args.model or common.DEFAULT_MODEL, device, dtype, progress=not args.quiet)
+    editor = common.load_editor(
+        args.model or common.DEFAULT_MODEL,
+        device,
+        dtype,
+        progress=not args.quiet,
+        backend=getattr(args, "backend", None),
+    )
     editor.check_prompts(source, targets)  # before the controller looks words up in them
     if control is not None:
         control.check_prompts(editor.model, source or "", targets, args.steps or algo.default_steps)
@@ -286,7 +298,7 @@ def _edit_inversion(args: argparse.Namespace, targets: list[str]) -> int:
     outputs = image_outputs(args.out, len(targets))
     distinct(outputs)
     model = args.model or inv.model.get("name") or common.DEFAULT_MODEL
-    editor = common.load_editor(model, device, dtype, progress=not args.quiet)
+    editor = common.load_editor(model, device, dtype, progress=not args.quiet, backend=getattr(args, "backend", None))
     before = editor.model.unet_image_forwards
     result = editor.edit(inv, targets, guidance=args.guidance, control=control, seed=args.seed, **edit_options)
     written = write_outputs(result.images, outputs, None, None)

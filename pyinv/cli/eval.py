@@ -142,7 +142,9 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     outputs = [check_writable(p) for p in (args.json, args.markdown) if p]
     distinct(outputs)
     device, dtype = runtime(args)
-    editor = common.load_editor(args.model or common.DEFAULT_MODEL, device, dtype, progress=False)
+    editor = common.load_editor(
+        args.model or common.DEFAULT_MODEL, device, dtype, progress=False, backend=getattr(args, "backend", None)
+    )
     results = sb.run_bench(editor, cases, configs, steps=args.steps, progress=not args.quiet)
     rows = sb.summarize(results)
     print("\n".join(sb.table_lines(rows)))
@@ -214,7 +216,7 @@ def cmd_eval_pie_bench(args: argparse.Namespace) -> int:
         configs,
         metrics,
         out_dir,
-        lambda: common.load_editor(model, device, dtype, progress=False),
+        lambda: common.load_editor(model, device, dtype, progress=False, backend=getattr(args, "backend", None)),
         steps=args.steps,
         seed=0 if args.seed is None else args.seed,
         rerun=args.rerun,

@@ -47,7 +47,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device, dtype = runtime(args)
     outputs = image_outputs(args.out, args.count)
     seed = check_seed(0 if args.seed is None else args.seed, "--seed", count=args.count)
-    editor = common.load_editor(args.model or common.DEFAULT_MODEL, device, dtype, progress=not args.quiet)
+    editor = common.load_editor(
+        args.model or common.DEFAULT_MODEL,
+        device,
+        dtype,
+        progress=not args.quiet,
+        backend=getattr(args, "backend", None),
+    )
     before = editor.model.unet_image_forwards
     seeds = list(range(seed, seed + args.count))
     images = editor.generate(

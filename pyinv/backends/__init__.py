@@ -1,0 +1,40 @@
+"""UNet backends: how "the UNet on this batch at this step with this control" is run.
+
+A backend turns a model's UNet into the callable the UNet call goes through
+(:meth:`~pyinv.models.DiffusionModel.unet_forward_controlled`): the step's control rides in
+the call's ``cross_attention_kwargs`` either way, so every backend runs the same processors.
+
+============  ==============================================================================
+name          what runs
+============  ==============================================================================
+``eager``     the UNet as loaded (PyTorch eager): the reference
+``compile``   ``torch.compile(unet, dynamic=False)``: one graph per batch layout and control
+              signature, traced at the first call of each; controllers then apply their
+              control at every step (``Controller.graph_static``) so one graph serves all steps
+============  ==============================================================================
+
+NTI's and PTI's gradient steps (``DiffusionModel.unet_forward_grad``) always run eager.
+"""
+
+from __future__ import annotations
+
+from ..errors import PyinvError
+from .base import Backend
+from .compiled import CompileBackend
+from .eager import EagerBackend
+
+#: the backends by name
+BACKENDS: dict[str, type[Backend]] = {"eager": EagerBackend, "compile": CompileBackend}
+
+
+def get_backend(backend: str | Backend | None) -> Backend:
+    """A backend by name (``None``: ``eager``), or ``backend`` itself when it is one."""
+    if isinstance(backend, Backend):
+        return backend
+    name = "eager" if backend is None else str(backend).strip().lower()
+    if name not in BACKENDS:
+        raise PyinvError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    return BACKENDS[name]()
+
+
+__all__ = ["BACKENDS", "Backend", "CompileBackend", "EagerBackend", "get_backend"]
