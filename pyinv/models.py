@@ -21,7 +21,7 @@ import torch
 
 from .backends import Backend, EagerBackend, get_backend
 from .checks import check_text
-from .control.attention import ControlCall, control_scope, install_control
+from .control.attention import install_control
 from .diffusers_folder import load_diffusers, save_model
 from .errors import PyinvError
 from .fingerprint import fingerprint_of, fingerprints_match
@@ -142,6 +142,7 @@ class DiffusionModel:
     _fingerprint: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
+        self.backend.check(self.device, self.dtype)
         # the stateless control processors and hooks, once per UNet (pyinv.control.attention)
         install_control(self.unet)
 
@@ -250,21 +251,14 @@ class DiffusionModel:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:meth:`unet_forward` under ``control`` (a :class:`~pyinv.control.base.StepControl`
         or ``None``): the model output and the word maps ``(1 + T, n)`` the call gathered
-        (``None`` when it gathered none). The control goes in with the call
-        (``cross_attention_kwargs``), so concurrent calls on one model do not meet."""
+        (``None`` when it gathered none). The call runs on the model's backend
+        (:meth:`pyinv.backends.Backend.run`); the control goes in with the call, so concurrent
+        calls on one model do not meet."""
         self.unet_calls += 1
         self.unet_image_forwards += latents.shape[0]
         sample, text = latents.to(self.dtype), embeddings.to(self.dtype)
-        timestep = _timestep(t, latents.device)
-        unet = self.backend.runner(self.unet)
-        if control is None:
-            out = unet(sample, timestep, encoder_hidden_states=text, return_dict=False)[0]
-            return out.to(self.latent_dtype), None
-        call = ControlCall(control)
-        with control_scope(call):
-            kwargs = {"control": call}
-            out = unet(sample, timestep, encoder_hidden_states=text, cross_attention_kwargs=kwargs, return_dict=False)
-        return out[0].to(self.latent_dtype), call.gathered()
+        out, maps = self.backend.run(self, sample, _timestep(t, latents.device), text, control)
+        return out.to(self.latent_dtype), maps
 
     def fp32_unet(self) -> torch.nn.Module:
         """The UNet in float32 (a cached copy when the model runs in half precision).

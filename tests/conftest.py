@@ -28,6 +28,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def export_cache_dir(tmp_path_factory):
+    """Exported graphs go to one directory per test session (never the user's cache); the
+    graphs a session exports are reused by its later tests, as a user's are."""
+    path = tmp_path_factory.mktemp("pyinv-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYINV_CACHE_DIR", str(path))
+        yield path
+
+
 @pytest.fixture(scope="module")
 def tiny_cli_default():
     """Make ``tiny`` the CLI's default model for a test module (``pytestmark = usefixtures``)."""

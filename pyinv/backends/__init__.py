@@ -22,9 +22,14 @@ from ..errors import PyinvError
 from .base import Backend
 from .compiled import CompileBackend
 from .eager import EagerBackend
+from .ort import OnnxRuntimeBackend
 
 #: the backends by name
-BACKENDS: dict[str, type[Backend]] = {"eager": EagerBackend, "compile": CompileBackend}
+BACKENDS: dict[str, type[Backend]] = {
+    "eager": EagerBackend,
+    "compile": CompileBackend,
+    "onnxruntime": OnnxRuntimeBackend,
+}
 
 
 def get_backend(backend: str | Backend | None) -> Backend:
@@ -37,4 +42,4 @@ def get_backend(backend: str | Backend | None) -> Backend:
     return BACKENDS[name]()
 
 
-__all__ = ["BACKENDS", "Backend", "CompileBackend", "EagerBackend", "get_backend"]
+__all__ = ["BACKENDS", "Backend", "CompileBackend", "EagerBackend", "OnnxRuntimeBackend", "get_backend"]

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from ..control.attention import ControlCall, control_scope
+
 
 class Backend:
-    """Runs a model's UNet: :meth:`runner` gives the callable with diffusers' UNet signature
-    ``(sample (R, C, h, w), timestep (0-d), encoder_hidden_states=(R, L, D),
-    cross_attention_kwargs=…, return_dict=False) → (prediction (R, C, h, w),)``.
+    """Runs a model's UNet: :meth:`run` is "the UNet on this batch at this step with this
+    control", ``(sample (R, C, h, w), timestep (), embeddings (R, L, D), control) →
+    (prediction (R, C, h, w), maps (1 + T, n) or None)``, with ``control`` a
+    :class:`~pyinv.control.base.StepControl` (``None``: a plain call) and ``maps`` the word
+    maps LocalBlend sums, gathered by the call's controlled layers.
 
     Attributes:
         name: the backend's name (:data:`pyinv.backends.BACKENDS`).
@@ -20,8 +24,29 @@ class Backend:
     traced: bool = False
 
     def runner(self, unet: torch.nn.Module):
-        """The callable that runs ``unet`` on this backend (made once per UNet and kept)."""
-        raise NotImplementedError
+        """The module the UNet runs as (diffusers' UNet signature), made once per UNet."""
+        return unet
+
+    def check(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Refuse (``PyinvError``) a device or dtype the backend cannot run."""
+
+    def run(self, model, sample, timestep, embeddings, control) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One UNet call of ``model`` (a :class:`~pyinv.models.DiffusionModel`); the
+        tensors are already on the model's device and dtype."""
+        return call_module(self.runner(model.unet), sample, timestep, embeddings, control)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def call_module(unet, sample, timestep, embeddings, control) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Call a module with diffusers' UNet signature under ``control``: the control goes in
+    with the call (``cross_attention_kwargs``, and the thread's :func:`control_scope` for the
+    ResNet hooks), so concurrent calls on one UNet do not meet."""
+    if control is None:
+        return unet(sample, timestep, encoder_hidden_states=embeddings, return_dict=False)[0], None
+    call = ControlCall(control)
+    with control_scope(call):
+        kwargs = {"control": call}
+        out = unet(sample, timestep, encoder_hidden_states=embeddings, cross_attention_kwargs=kwargs, return_dict=False)
+    return out[0], call.gathered()

@@ -7,6 +7,3 @@ from .base import Backend
 
 class EagerBackend(Backend):
     name = "eager"
-
-    def runner(self, unet):
-        return unet

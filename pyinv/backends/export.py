@@ -1,0 +1,145 @@
+"""The UNet exported to ONNX, one graph per :class:`~pyinv.backends.flat.GraphSignature`.
+
+A graph is exported from :class:`~pyinv.backends.flat.FlatUNet` with ``torch.onnx.export``
+(the ``torch.export``-based exporter): static shapes, inputs ``sample``, ``timestep``,
+``embeddings`` and the control tensors by name, outputs ``prediction`` (and ``maps`` when the
+rule gathers LocalBlend's word maps). The plain graph (no control) serves every uncontrolled
+call (inversion, prompt swap); a controlled graph has the rule's layers and active terms
+built in, and its per-step tensors as inputs, so one graph serves every step of every edit
+with that layout. Graphs are kept in the :class:`~pyinv.backends.cache.ExportCache`, keyed
+by what they are for (:func:`graph_what`) and what made them (:func:`graph_key`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import PyinvError
+from ..provenance import package_version
+from .flat import FIXED_INPUTS, FlatUNet, GraphSignature
+
+#: the ONNX opset the graphs are exported at
+OPSET = 18
+#: the graph file in a cache entry (its weights are beside it in ``unet.onnx.data``)
+GRAPH_FILE = "unet.onnx"
+
+_DIGESTS: dict[int, tuple[torch.nn.Module, str]] = {}
+_DIGEST_LOCK = threading.Lock()
+
+
+def require(module: str, extra: str = "export"):
+    """Import an optional dependency, or fail with how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise PyinvError(f"this backend needs the {module} package: pip install 'pyinv[{extra}]' ({exc})") from exc
+
+
+def weights_digest(unet: torch.nn.Module) -> str:
+    """SHA-256 of every UNet parameter and buffer (names, shapes, dtypes, bytes), computed
+    once per UNet: an exported graph holds the weights, so it is keyed by all of them, not
+    by the fingerprint's sample of 16 values."""
+    with _DIGEST_LOCK:
+        found = _DIGESTS.get(id(unet))
+        if found is not None and found[0] is unet:
+            return found[1]
+        h = hashlib.sha256()
+        for name, tensor in sorted(unet.state_dict().items()):
+            data = tensor.detach().contiguous().cpu()
+            h.update(f"{name}:{tuple(data.shape)}:{data.dtype};".encode())
+            h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+        _DIGESTS[id(unet)] = (unet, h.hexdigest())
+        return _DIGESTS[id(unet)][1]
+
+
+def graph_what(model, signature: GraphSignature, kind: str = "onnx") -> dict[str, Any]:
+    """What a graph is for: the model (its fingerprint and weights), the graph signature
+    (layout shapes, control rule and terms) and the dtype; a cache entry's slot."""
+    return {
+        "kind": kind,
+        "model": {"fingerprint": model.fingerprint(), "weights_sha256": weights_digest(model.unet)},
+        "graph": signature.doc(),
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
+
+
+def graph_key(opset: int = OPSET, optimize: bool = True) -> dict[str, Any]:
+    """What a graph is made with: opset, exporter settings and library versions."""
+    import pyinv
+
+    return {
+        "opset": opset,
+        "optimize": optimize,
+        "versions": {
+            "pyinv": pyinv.__version__,
+            "torch": torch.__version__,
+            "diffusers": package_version("diffusers"),
+            "onnx": package_version("onnx"),
+            "onnxscript": package_version("onnxscript"),
+        },
+    }
+
+
+def output_names(flat: FlatUNet, args) -> list[str]:
+    """``["prediction"]``, plus ``"maps"`` when the call gathers word maps."""
+    with torch.no_grad():
+        outs = flat(*args)
+    return ["prediction", "maps"][: len(outs)]
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter's progress lines and warnings (torchvision absent, deprecations) are
+    not the user's business; its errors still surface."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def export_graph(
+    flat: FlatUNet, args, signature: GraphSignature, directory: Path, opset: int = OPSET, optimize: bool = True
+) -> list[str]:
+    """Export ``flat`` on ``args`` (tensors in graph order) to ``directory/unet.onnx`` with
+    its weights in ``unet.onnx.data``; returns the output names."""
+    require("onnx")
+    require("onnxscript")
+    names = [*FIXED_INPUTS, *signature.control_names]
+    outputs = output_names(flat, args)
+    try:
+        with torch.no_grad(), _quiet_exporter():
+            program = torch.onnx.export(
+                flat.eval(),
+                tuple(args),
+                None,
+                dynamo=True,
+                opset_version=opset,
+                optimize=optimize,
+                input_names=names,
+                output_names=outputs,
+                verbose=False,
+            )
+            program.save(str(directory / GRAPH_FILE), external_data=True)
+    except PyinvError:
+        raise
+    except Exception as exc:  # the exporter's own error types are many and unstable
+        raise PyinvError(f"exporting the UNet to ONNX failed ({signature.describe()}): {exc}") from exc
+    return outputs
