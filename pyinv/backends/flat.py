@@ -163,7 +163,9 @@ class FlatUNet(torch.nn.Module):
         call = ControlCall(StepControl(self.rule, dict(zip(self.names, xs, strict=True)), self.active))
         with control_scope(call):
             kwargs = {"control": call}
-            out = self.unet(sample, timestep, encoder_hidden_states=embeddings, cross_attention_kwargs=kwargs)
+            out = self.unet(
+                sample, timestep, encoder_hidden_states=embeddings, cross_attention_kwargs=kwargs, return_dict=False
+            )
         maps = call.gathered()
         return (out[0],) if maps is None else (out[0], maps)
 
