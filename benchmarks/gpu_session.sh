@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks of one session on a lent H100/H200, in one command:
-#   bash benchmarks/gpu_session.sh [step|tests|speed|all]      (default all)
+#   bash benchmarks/gpu_session.sh [step|tests|unet|speed|all]      (default all)
 # Writes logs and results to $OUT (default benchmarks/results/gpu-run). Python packages the
-# machine lacks (diffusers) travel as wheels in .whl/ (see the device notes), installed here.
+# machine lacks (diffusers; onnxscript and onnx-ir for the onnxruntime backend's export) travel
+# as wheels in .whl/ (see the device notes), installed here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-run}
@@ -32,6 +33,14 @@ if [[ $what == step || $what == all ]]; then
       --json "$OUT/step-gpu-$dt.json" > "$OUT/step-gpu-$dt.log" 2>&1
     tail -8 "$OUT/step-gpu-$dt.log"
   done
+fi
+if [[ $what == unet || $what == all ]]; then
+  # one UNet call per backend at batch 1-4 (SD 1.5 architecture, 64² latents, fp16); the
+  # onnxruntime rows need onnxruntime-gpu (its CUDA provider), else they report why not
+  python3 benchmarks/bench_unet.py --model sd15-arch --device cuda --dtype fp16 --resolution 64 \
+    --backend eager --backend compile --backend onnxruntime --batch 1 --batch 2 --batch 3 --batch 4 \
+    --json "$OUT/unet-sd15-arch.json" > "$OUT/unet.log" 2>&1
+  tail -14 "$OUT/unet.log"
 fi
 if [[ $what == speed || $what == all ]]; then
   python3 -m pyinv benchmark --model sd15-arch --device cuda --dtype fp16 --backend eager --backend compile \

@@ -246,12 +246,11 @@ def run_config(
     device = editor.model.device
     image = source_image(editor.model.image_size)
     samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
-    compiled = config.backend != "eager"
     inv = out = None
     for i in range(settings.warmup + settings.repeats):
         if i == settings.warmup:
             row.peak_memory_kind = _reset_peak(device)
-        control = controller(config.control, compiled)
+        control = controller(config.control, editor.model.traced_unet)
         _sync(device)
         t0 = time.perf_counter()
         z0 = editor.encode(image)
