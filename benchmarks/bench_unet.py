@@ -118,7 +118,7 @@ def main(argv=None) -> int:
             print(f"{name}: {exc}")
             continue
         cases = [(f"plain R={r}", plain_inputs(model_on, r, size)) for r in batches]
-        if args.resolution is None:
+        if size == model.latent_size:
             cases.append(("p2p R=3 (direct+p2p edit)", p2p_inputs(model_on)))
         for label, inputs in cases:
             try:
