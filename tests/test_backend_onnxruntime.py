@@ -123,3 +123,23 @@ def test_the_backend_refuses_what_it_cannot_run():
     with pytest.raises(PyinvError, match="float32 or float16"):
         pyinv.Editor.from_pretrained("tiny", dtype="bf16", backend="onnxruntime")
     assert isinstance(get_backend("ONNXRuntime"), OnnxRuntimeBackend)
+
+
+@pytest.mark.usefixtures("tiny_cli_default")
+def test_the_command_line_edits_on_the_onnxruntime_backend(tmp_path, image, editor):
+    """``pyinv edit --backend onnxruntime`` writes the edit eager writes (to 8-bit rounding
+    of a ≤ 1e-4 latent difference: at most one level per pixel)."""
+    import numpy as np
+    from PIL import Image
+
+    from pyinv import cli
+
+    source = tmp_path / "in.png"
+    image.save(source)
+    argv = ["edit", str(source), "--source", SRC, "--target", "a photo of a blue cube", "--steps", "3", "-q"]
+    outs = {}
+    for backend in ("eager", "onnxruntime"):
+        outs[backend] = tmp_path / f"{backend}.png"
+        assert cli.main([*argv, "--backend", backend, "--out", str(outs[backend])]) == 0
+    a, b = (np.asarray(Image.open(outs[k]), dtype=np.int16) for k in ("eager", "onnxruntime"))
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1

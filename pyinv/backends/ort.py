@@ -116,6 +116,7 @@ class OnnxRuntimeBackend(Backend):
         return f"OnnxRuntimeBackend(cache={self.cache!r})"
 
     def check(self, device: torch.device, dtype: torch.dtype) -> None:
+        require("onnxruntime")
         if dtype not in PARITY:
             raise PyinvError(f"the onnxruntime backend runs float32 or float16 models, not {str(dtype)[6:]}")
 
