@@ -299,6 +299,19 @@ def test_info_json(capsys):
     text = capsys.readouterr().out
     assert "guided_step: cpu " in text and "available: reference" in text
     assert "cuda_available:" in text
+    assert "UNet backends (--backend):" in text and "  eager: ready" in text
+
+
+def test_info_says_which_backends_can_run(capsys, monkeypatch):
+    import importlib.util
+
+    assert cli.main(["info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["backends"]["eager"] == "ready"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    assert cli.main(["info", "--json"]) == 0
+    why = json.loads(capsys.readouterr().out)["backends"]["onnxruntime"]
+    assert why == "needs onnxscript (pip install 'pyinv[export]')"
 
 
 def test_help_exits_zero(capsys):

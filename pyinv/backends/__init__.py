@@ -32,6 +32,11 @@ BACKENDS: dict[str, type[Backend]] = {
 }
 
 
+def availability() -> dict[str, str | None]:
+    """Backend name → why it cannot run here, or ``None`` (``pyinv info``)."""
+    return {name: cls.availability() for name, cls in BACKENDS.items()}
+
+
 def get_backend(backend: str | Backend | None) -> Backend:
     """A backend by name (``None``: ``eager``), or ``backend`` itself when it is one."""
     if isinstance(backend, Backend):
@@ -42,4 +47,4 @@ def get_backend(backend: str | Backend | None) -> Backend:
     return BACKENDS[name]()
 
 
-__all__ = ["BACKENDS", "Backend", "CompileBackend", "EagerBackend", "OnnxRuntimeBackend", "get_backend"]
+__all__ = ["BACKENDS", "availability", "Backend", "CompileBackend", "EagerBackend", "OnnxRuntimeBackend", "get_backend"]

@@ -27,6 +27,11 @@ class Backend:
         """The module the UNet runs as (diffusers' UNet signature), made once per UNet."""
         return unet
 
+    @classmethod
+    def availability(cls) -> str | None:
+        """Why the backend cannot run here (a missing package), or ``None`` when it can."""
+        return None
+
     def check(self, device: torch.device, dtype: torch.dtype) -> None:
         """Refuse (``PyinvError``) a device or dtype the backend cannot run."""
 

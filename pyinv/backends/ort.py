@@ -115,6 +115,15 @@ class OnnxRuntimeBackend(Backend):
     def __repr__(self) -> str:
         return f"OnnxRuntimeBackend(cache={self.cache!r})"
 
+    @classmethod
+    def availability(cls) -> str | None:
+        import importlib.util
+
+        missing = [m for m in ("onnxruntime", "onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"needs {', '.join(missing)} (pip install 'pyinv[export]')"
+        return None
+
     def check(self, device: torch.device, dtype: torch.dtype) -> None:
         require("onnxruntime")
         if dtype not in PARITY:

@@ -52,13 +52,15 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """``pyinv info``: versions, whether CUDA is usable, and the per-step ops' implementations."""
+    from ..backends import availability as backend_availability
     from ..ops import availability
     from ..provenance import environment
 
     env = environment()
     ops = availability()
+    backends = backend_availability()
     if args.json:
-        print(json.dumps({**env, "ops": ops}, indent=2))
+        print(json.dumps({**env, "ops": ops, "backends": {k: v or "ready" for k, v in backends.items()}}, indent=2))
         return 0
     width = max(len(k) for k in env) + 2
     for key, value in env.items():
@@ -71,4 +73,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {op}: {used}; available: {have}")
         for name, why in info["notes"].items():
             print(f"    {name}: {why}")
+    print("UNet backends (--backend):")
+    for name, why in backends.items():
+        print(f"  {name}: {why or 'ready'}")
     return 0
