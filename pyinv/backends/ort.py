@@ -139,7 +139,7 @@ class OnnxRuntimeBackend(Backend):
                 return found[1]
             flat = flat_unet(model.unet, control)
             entry = self.cache.get_or_build(
-                graph_what(model, signature),
+                graph_what(model, signature, optimize=self.optimize),
                 graph_key(self.opset, self.optimize),
                 lambda directory: export_graph(flat, tensors, signature, directory, self.opset, self.optimize),
             )
