@@ -330,6 +330,7 @@ def load_model(
     runs_on = get_backend(backend)
     dev = parse_device(device)
     dt = parse_dtype(dtype)
+    runs_on.check(dev, dt)  # before any weights load: a backend that cannot run says so first
     if not name_or_path or not str(name_or_path).strip():
         raise PyinvError("empty model name")
     name = str(name_or_path)

@@ -5,26 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from unet_calls import SRC, captured_calls
 
 import pyinv
-from pyinv import P2P, LocalBlend, MasaCtrl, PnP
+from pyinv import P2P, LocalBlend, PnP
 from pyinv.backends import EagerBackend, OnnxRuntimeBackend, get_backend
 from pyinv.backends.flat import flat_inputs
 from pyinv.errors import PyinvError
 
 pytest.importorskip("onnxruntime", reason="the onnxruntime backend needs pyinv[export]")
 pytest.importorskip("onnxscript", reason="the onnxruntime backend needs pyinv[export]")
-
-SRC = "a photo of a red ball"
-CONTROLS = {
-    "p2p-replace": ("a photo of a blue ball", lambda: P2P(graph_static=True)),
-    "p2p-refine-reweight-blend": (
-        "a photo of a big blue cube",
-        lambda: P2P(blend=LocalBlend("ball", "cube", threshold=0.9), reweight={"big": 2.0}, graph_static=True),
-    ),
-    "masactrl": ("a photo of a blue cube", lambda: MasaCtrl(start_step=1, graph_static=True)),
-    "pnp": ("a photo of a blue cube", lambda: PnP(graph_static=True)),
-}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -34,35 +24,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def ort_backend():
     return OnnxRuntimeBackend()
-
-
-def captured_calls(editor, image, controls, steps=4):
-    """The UNet calls of an inversion (plain) and of one edit per control (their second
-    step): ``label → (sample, timestep, embeddings, StepControl or None)``."""
-    model = editor.model
-    calls: dict[str, tuple] = {}
-    real = model.backend
-
-    class Spy(EagerBackend):
-        label = "plain"
-        seen = 0
-
-        def run(self, m, sample, timestep, embeddings, control):
-            Spy.seen += 1
-            if Spy.label not in calls and (control is not None or Spy.label == "plain") and Spy.seen >= 2:
-                calls[Spy.label] = (sample.clone(), timestep.clone(), embeddings.clone(), control)
-            return real.run(m, sample, timestep, embeddings, control)
-
-    model.backend = Spy()
-    try:
-        inv = editor.invert(image, SRC, method="direct", steps=steps, seed=0)
-        for label in controls:
-            Spy.label, Spy.seen = label, 0
-            target, make = CONTROLS[label]
-            editor.edit(inv, target, control=make())
-    finally:
-        model.backend = real
-    return calls
 
 
 @pytest.mark.parametrize(
@@ -122,6 +83,8 @@ def test_whole_edits_match_eager(editor, image, method, make, steps, ort_backend
 def test_the_backend_refuses_what_it_cannot_run():
     with pytest.raises(PyinvError, match="float32 or float16"):
         pyinv.Editor.from_pretrained("tiny", dtype="bf16", backend="onnxruntime")
+    with pytest.raises(PyinvError, match="float16 only on a GPU"):
+        pyinv.Editor.from_pretrained("tiny", dtype="fp16", device="cpu", backend="onnxruntime")
     assert isinstance(get_backend("ONNXRuntime"), OnnxRuntimeBackend)
 
 

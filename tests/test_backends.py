@@ -14,11 +14,11 @@ SRC, TGT = "a photo of a red ball", "a photo of a blue cube"
 
 
 def test_backends_by_name():
-    assert set(BACKENDS) == {"eager", "compile", "onnxruntime"}
+    assert set(BACKENDS) == {"eager", "compile", "onnxruntime", "tensorrt"}
     assert isinstance(get_backend(None), EagerBackend) and isinstance(get_backend("Compile"), CompileBackend)
     backend = CompileBackend()
     assert get_backend(backend) is backend
-    with pytest.raises(PyinvError, match="unknown backend 'onnx'; use one of eager, compile, onnxruntime"):
+    with pytest.raises(PyinvError, match="unknown backend 'onnx'; use one of eager, compile, onnxruntime, tensorrt"):
         get_backend("onnx")
     with pytest.raises(PyinvError, match="unknown backend"):
         pyinv.Editor.from_pretrained("tiny", backend="tensorrt-ish")

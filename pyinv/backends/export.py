@@ -63,15 +63,20 @@ def weights_digest(unet: torch.nn.Module) -> str:
         return _DIGESTS[id(unet)][1]
 
 
-def graph_what(model, signature: GraphSignature, kind: str = "onnx") -> dict[str, Any]:
+def graph_what(model, signature: GraphSignature, kind: str = "onnx", optimize: bool = False) -> dict[str, Any]:
     """What a graph is for: the model (its fingerprint and weights), the graph signature
-    (layout shapes, control rule and terms) and the dtype; a cache entry's slot."""
-    return {
+    (layout shapes, control rule and terms) and the dtype; a cache entry's slot. A graph run
+    through the ONNX optimizer (``optimize``) is another graph than the plain export, with its
+    own slot, so backends wanting one and the other do not replace each other's entries."""
+    what = {
         "kind": kind,
         "model": {"fingerprint": model.fingerprint(), "weights_sha256": weights_digest(model.unet)},
         "graph": signature.doc(),
         "dtype": str(model.dtype).removeprefix("torch."),
     }
+    if optimize:
+        what["optimize"] = True
+    return what
 
 
 def graph_key(opset: int = OPSET, optimize: bool = True) -> dict[str, Any]:

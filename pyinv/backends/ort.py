@@ -128,6 +128,9 @@ class OnnxRuntimeBackend(Backend):
         require("onnxruntime")
         if dtype not in PARITY:
             raise PyinvError(f"the onnxruntime backend runs float32 or float16 models, not {str(dtype)[6:]}")
+        if dtype == torch.float16 and device.type == "cpu":
+            # ONNX Runtime's CPU provider has no float16 ScatterND with reduction (P2P's index_add)
+            raise PyinvError("the onnxruntime backend runs float16 only on a GPU; use float32 on the CPU")
 
     def run(self, model, sample, timestep, embeddings, control):
         signature, tensors = flat_inputs(sample, timestep, embeddings, control)
@@ -149,7 +152,7 @@ class OnnxRuntimeBackend(Backend):
                 return found[1]
             flat = flat_unet(model.unet, control)
             entry = self.cache.get_or_build(
-                graph_what(model, signature),
+                graph_what(model, signature, optimize=self.optimize),
                 graph_key(self.opset, self.optimize),
                 lambda directory: export_graph(flat, tensors, signature, directory, self.opset, self.optimize),
             )

@@ -53,8 +53,9 @@ def add_model_args(p: argparse.ArgumentParser, model_help: str) -> None:
     g.add_argument(
         "--backend",
         choices=tuple(BACKENDS),
-        help="how the UNet runs: eager (PyTorch, the default) or compile (torch.compile; the first "
-        "call of each batch layout compiles)",
+        help="how the UNet runs: eager (PyTorch, the default), compile (torch.compile; the first "
+        "call of each batch layout compiles), onnxruntime (exported ONNX graphs; pyinv[export]) or "
+        "tensorrt (TensorRT engines on a CUDA GPU; pyinv[tensorrt])",
     )
     g.add_argument(
         "--seed", type=seed_arg, metavar="S", help="seed for random draws, 0 … 2**64-1 (for reproducible runs)"
