@@ -85,6 +85,19 @@ class GraphSignature:
             "active": list(self.active),
         }
 
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> GraphSignature:
+        """The signature :meth:`doc` describes (a cache entry's ``graph``); a malformed doc
+        raises ``KeyError``, ``TypeError`` or ``ValueError``."""
+        inputs = tuple(
+            TensorSpec(str(d["name"]), tuple(int(s) for s in d["shape"]), str(d["dtype"])) for d in doc["inputs"]
+        )
+        if not inputs:
+            raise ValueError("a graph has inputs")
+        rule = doc.get("rule")
+        text = "" if rule is None else json.dumps(rule, sort_keys=True, separators=(",", ":"))
+        return cls(inputs, text, tuple(str(a) for a in doc.get("active", ())))
+
     def digest(self) -> str:
         """A short hash of :meth:`doc`, the same in every process."""
         text = json.dumps(self.doc(), sort_keys=True, separators=(",", ":"))

@@ -111,6 +111,8 @@ class OnnxRuntimeBackend(Backend):
         self._lock = threading.Lock()
         #: what this process exported (signature, entry), in order, for ``pyinv export``'s summary
         self.built: list[tuple[GraphSignature, Entry]] = []
+        #: the graphs it found already exported in the cache (signature, entry), in order
+        self.found: list[tuple[GraphSignature, Entry]] = []
 
     def __repr__(self) -> str:
         return f"OnnxRuntimeBackend(cache={self.cache!r})"
@@ -164,6 +166,8 @@ class OnnxRuntimeBackend(Backend):
                     self.cache.remove(entry)
                     raise
                 self.built.append((signature, entry))
+            else:
+                self.found.append((signature, entry))
             self._graphs[key] = (model.unet, graph)
             return graph
 

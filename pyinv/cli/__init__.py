@@ -1,4 +1,5 @@
-"""The ``pyinv`` command line: ``edit``, ``invert``, ``generate``, ``eval``, ``methods`` and ``info``.
+"""The ``pyinv`` command line: ``edit``, ``invert``, ``generate``, ``eval``, ``benchmark``,
+``export``, ``methods`` and ``info``.
 
 Every user mistake (bad arguments, unreadable image, unknown model or method, an
 inversion file from another model, an unwritable output, Ctrl-C) ends as exactly one line
@@ -11,7 +12,7 @@ libraries load: they are imported inside :func:`main`), 141 stdout closed early 
 into ``head``; nothing is printed).
 
 One module per command group: :mod:`.edit` (``edit``, ``invert``), :mod:`.generate`,
-:mod:`.eval`, :mod:`.bench` (``benchmark``) and :mod:`.info` (``methods``, ``info``);
+:mod:`.eval`, :mod:`.bench` (``benchmark``), :mod:`.export` and :mod:`.info` (``methods``, ``info``);
 :mod:`.control` holds ``--control`` and each controller's flags, :mod:`.method_flags` the
 inversion methods' own flags, and :mod:`.common` what the commands share. This module
 builds the parser and runs a command (:func:`main`, the ``pyinv`` console entry point).
@@ -49,7 +50,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The ``pyinv`` argument parser with its subcommands."""
     from .. import __version__
-    from . import bench, edit, generate, info
+    from . import bench, edit, export, generate, info
     from . import eval as evaluate
 
     parser = _Parser(
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(sub)
     evaluate.add_eval_parser(sub)
     bench.add_benchmark_parser(sub)
+    export.add_parser(sub)
     info.add_parsers(sub)  # methods, info
     return parser
 
