@@ -217,7 +217,7 @@ def test_just_enough_steps_for_the_controller(method, control, steps):
 
 
 def test_any_backend_made_with_a_cache_exports(monkeypatch):
-    assert export.exporting_backends() == ["onnxruntime"]
+    assert export.exporting_backends() == ["onnxruntime", "tensorrt"]
 
     class EngineBackend(Backend):
         name = "engine"
@@ -226,5 +226,5 @@ def test_any_backend_made_with_a_cache_exports(monkeypatch):
             self.cache, self.built = cache, []
 
     monkeypatch.setitem(BACKENDS, "engine", EngineBackend)
-    assert export.exporting_backends() == ["onnxruntime", "engine"]
+    assert export.exporting_backends() == ["onnxruntime", "tensorrt", "engine"]
     assert export.backend_arg("Engine") == "engine"
