@@ -174,6 +174,13 @@ def test_targets_are_reported_not_asserted():
     assert not e2e["met"] and e2e["value_s"] == pytest.approx(1.2)
     assert reedit["met"] and reedit["value_s"] == pytest.approx(0.5)
     assert speed.targets(rows[:1], "cpu") == []
+    # the CPU target is at fp32: a faster bf16 row does not count, the fastest fp32 backend does
+    fast_bf16 = row("direct", "p2p", 50.0, speedup=18.0)
+    fast_bf16.dtype = "bf16"
+    compiled = row("direct", "p2p", 90.0, speedup=10.0)
+    compiled.backend = "compile"
+    (cpu,) = speed.targets([*rows, fast_bf16, compiled], "cpu")
+    assert cpu["value_x"] == 10.0 and cpu["config"] == compiled.label
 
 
 def test_a_failing_configuration_is_reported_not_dropped(editor):

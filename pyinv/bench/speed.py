@@ -328,7 +328,7 @@ def run_bench(
 # ---------------------------------------------------------------------- targets
 def targets(rows: Sequence[SpeedRow], device_type: str) -> list[dict[str, Any]]:
     """The latency targets, as measured (never asserted): on the CPU, Direct Inversion + P2P
-    end to end ≥ 8× faster than the baseline; on CUDA, Direct + P2P end to end ≤ 1.0 s and
+    end to end ≥ 8× faster than the baseline at fp32, on the fastest backend; on CUDA, Direct + P2P end to end ≤ 1.0 s and
     re-edit ≤ 0.6 s (stated for SD 1.5 at 512², 50 steps, fp16)."""
     direct = [r for r in rows if r.method == "direct" and r.control == "p2p" and r.error is None]
     if not direct:
@@ -341,9 +341,11 @@ def targets(rows: Sequence[SpeedRow], device_type: str) -> list[dict[str, Any]]:
             {"target": "re-edit from a cached inversion <= 0.6 s", "config": best.label,
              "value_s": best.ms("reedit") / 1e3, "met": best.ms("reedit") <= 600.0},
         ]  # fmt: skip
-    if best.speedup is None:
+    fp32 = [r for r in direct if r.dtype == "fp32" and r.speedup is not None]
+    if not fp32:
         return []
+    best = max(fp32, key=lambda r: r.speedup)
     return [
-        {"target": "Direct + P2P end to end >= 8x faster than NTI + P2P", "config": best.label,
+        {"target": "Direct + P2P end to end >= 8x faster than NTI + P2P at fp32", "config": best.label,
          "value_x": best.speedup, "met": best.speedup >= 8.0}
     ]  # fmt: skip
