@@ -26,6 +26,9 @@ if [[ $what == tests || $what == all ]]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_guided_step_cuda.py tests/test_guided_step.py \
     -k "gpu or dispatch or opcheck" > "$OUT/gpu-tests.log" 2>&1
   tail -3 "$OUT/gpu-tests.log"
+  # the compile backend's CUDA-graph replay against eager on whole edits
+  python3 -m pytest -q -p no:cacheprovider tests/test_backends.py -k cuda_graphs > "$OUT/backend-tests.log" 2>&1
+  tail -3 "$OUT/backend-tests.log"
 fi
 if [[ $what == step || $what == all ]]; then
   for dt in fp16 fp32; do
