@@ -25,12 +25,17 @@ import torch
 
 from ..errors import PyinvError
 from ..provenance import package_version
+from .base import Backend
+from .cache import Entry, ExportCache
 from .flat import FIXED_INPUTS, FlatUNet, GraphSignature
 
 #: the ONNX opset the graphs are exported at
 OPSET = 18
 #: the graph file in a cache entry (its weights are beside it in ``unet.onnx.data``)
 GRAPH_FILE = "unet.onnx"
+#: relative error a newly exported graph or built engine may have against the eager UNet on
+#: the call it was made at
+PARITY = {torch.float32: 1e-3, torch.float16: 2e-2}
 
 _DIGESTS: dict[int, tuple[torch.nn.Module, str]] = {}
 _DIGEST_LOCK = threading.Lock()
@@ -44,6 +49,13 @@ def require(module: str, extra: str = "export"):
         return importlib.import_module(module)
     except ImportError as exc:
         raise PyinvError(f"this backend needs the {module} package: pip install 'pyinv[{extra}]' ({exc})") from exc
+
+
+def missing_packages(*modules: str) -> list[str]:
+    """Which of ``modules`` are not installed."""
+    import importlib.util
+
+    return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
 def weights_digest(unet: torch.nn.Module) -> str:
@@ -148,3 +160,67 @@ def export_graph(
     except Exception as exc:  # the exporter's own error types are many and unstable
         raise PyinvError(f"exporting the UNet to ONNX failed ({signature.describe()}): {exc}") from exc
     return outputs
+
+
+def check_parity(what: str, got, want, dtype: torch.dtype, signature: GraphSignature) -> None:
+    """``got`` (a new graph's or engine's outputs) must equal ``want`` (the eager UNet's on
+    the same call) within :data:`PARITY`, output by output, or ``PyinvError``."""
+    for name, w, g in zip(("prediction", "maps"), want, got, strict=False):
+        w, g = w.float(), g.to(w.device).float()
+        err = float((g - w).norm() / w.norm().clamp_min(1e-12))
+        if not err <= PARITY[dtype]:
+            raise PyinvError(
+                f"the {what} ({signature.describe()}) differs from the eager UNet: "
+                f"relative error of its {name} {err:.2e} > {PARITY[dtype]:.0e}"
+            )
+
+
+class ExportingBackend(Backend):
+    """What the backends running exported graphs share: the export cache, the exporter
+    settings, what they made per (UNet, signature, device), and the record of what they built
+    and found cached (``pyinv export``'s summary).
+
+    Attributes:
+        cache: the :class:`~pyinv.backends.cache.ExportCache`.
+        built: ``(signature, entry)`` of what this backend exported or built, in order.
+        found: ``(signature, entry)`` of what it found already in the cache, in order.
+    """
+
+    traced = True
+
+    def __init__(self, cache: ExportCache | str | None = None, opset: int = OPSET, optimize: bool = False):
+        self.cache = cache if isinstance(cache, ExportCache) else ExportCache(cache)
+        self.opset = opset
+        self.optimize = optimize
+        self.built: list[tuple[GraphSignature, Entry]] = []
+        self.found: list[tuple[GraphSignature, Entry]] = []
+        self._made: dict[tuple, tuple[torch.nn.Module, Any]] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(cache={self.cache!r})"
+
+    def graph_entry(self, model, signature: GraphSignature, flat: FlatUNet, tensors) -> Entry:
+        """The ONNX graph of ``signature`` from the export cache, exported there if absent."""
+        return self.cache.get_or_build(
+            graph_what(model, signature, optimize=self.optimize),
+            graph_key(self.opset, self.optimize),
+            lambda directory: export_graph(flat, tensors, signature, directory, self.opset, self.optimize),
+        )
+
+    def made_for(self, model, signature: GraphSignature, make):
+        """What ``make()`` makes for the model's UNet and ``signature``, once per process
+        (concurrent first calls wait for one to make it)."""
+        key = (id(model.unet), signature, str(model.device))
+        found = self._made.get(key)
+        if found is not None and found[0] is model.unet:
+            return found[1]
+        with self._lock:
+            found = self._made.get(key)
+            if found is None or found[0] is not model.unet:
+                found = self._made[key] = (model.unet, make())
+            return found[1]
+
+    def record(self, signature: GraphSignature, entry: Entry) -> None:
+        """Note an entry this backend built or found (``built`` / ``found``)."""
+        (self.built if entry.built else self.found).append((signature, entry))

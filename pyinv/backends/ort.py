@@ -12,21 +12,16 @@ installed, else the CPU one; float32 and float16 models.
 from __future__ import annotations
 
 import logging
-import threading
 
 import numpy as np
 import torch
 
 from ..errors import PyinvError
-from .base import Backend
 from .cache import Entry, ExportCache
-from .export import GRAPH_FILE, OPSET, export_graph, graph_key, graph_what, require
-from .flat import FlatUNet, GraphSignature, flat_inputs, flat_unet
+from .export import GRAPH_FILE, OPSET, PARITY, ExportingBackend, check_parity, missing_packages, require
+from .flat import GraphSignature, flat_inputs, flat_unet
 
 log = logging.getLogger(__name__)
-
-#: relative error an exported graph may have against the eager UNet on its first call
-PARITY = {torch.float32: 1e-3, torch.float16: 2e-2}
 
 _NUMPY = {
     torch.float32: np.float32,
@@ -96,35 +91,21 @@ class OrtGraph:
         return outs
 
 
-class OnnxRuntimeBackend(Backend):
+class OnnxRuntimeBackend(ExportingBackend):
     """See the module docstring. ``cache``: the export cache (a directory or an
-    :class:`ExportCache`; default :func:`~pyinv.backends.cache.default_root`)."""
+    :class:`~pyinv.backends.cache.ExportCache`; default
+    :func:`~pyinv.backends.cache.default_root`); ``optimize``: run the ONNX optimizer on
+    exported graphs (ONNX Runtime optimises them itself when it loads them)."""
 
     name = "onnxruntime"
-    traced = True
 
     def __init__(self, cache: ExportCache | str | None = None, opset: int = OPSET, optimize: bool = False):
-        self.cache = cache if isinstance(cache, ExportCache) else ExportCache(cache)
-        self.opset = opset
-        self.optimize = optimize
-        self._graphs: dict[tuple, tuple[torch.nn.Module, OrtGraph]] = {}
-        self._lock = threading.Lock()
-        #: what this process exported (signature, entry), in order, for ``pyinv export``'s summary
-        self.built: list[tuple[GraphSignature, Entry]] = []
-        #: the graphs it found already exported in the cache (signature, entry), in order
-        self.found: list[tuple[GraphSignature, Entry]] = []
-
-    def __repr__(self) -> str:
-        return f"OnnxRuntimeBackend(cache={self.cache!r})"
+        super().__init__(cache, opset, optimize)
 
     @classmethod
     def availability(cls) -> str | None:
-        import importlib.util
-
-        missing = [m for m in ("onnxruntime", "onnx", "onnxscript") if importlib.util.find_spec(m) is None]
-        if missing:
-            return f"needs {', '.join(missing)} (pip install 'pyinv[export]')"
-        return None
+        missing = missing_packages("onnxruntime", "onnx", "onnxscript")
+        return f"needs {', '.join(missing)} (pip install 'pyinv[export]')" if missing else None
 
     def check(self, device: torch.device, dtype: torch.dtype) -> None:
         require("onnxruntime")
@@ -144,45 +125,20 @@ class OnnxRuntimeBackend(Backend):
 
     def graph(self, model, signature: GraphSignature, control, tensors) -> OrtGraph:
         """The session for ``signature`` (exported and checked at its first call)."""
-        key = (id(model.unet), signature, str(model.device))
-        found = self._graphs.get(key)
-        if found is not None and found[0] is model.unet:
-            return found[1]
-        with self._lock:
-            found = self._graphs.get(key)
-            if found is not None and found[0] is model.unet:
-                return found[1]
+
+        def make() -> OrtGraph:
             flat = flat_unet(model.unet, control)
-            entry = self.cache.get_or_build(
-                graph_what(model, signature, optimize=self.optimize),
-                graph_key(self.opset, self.optimize),
-                lambda directory: export_graph(flat, tensors, signature, directory, self.opset, self.optimize),
-            )
+            entry = self.graph_entry(model, signature, flat, tensors)
             graph = OrtGraph(entry, model.device)
-            if entry.built:
+            if entry.built:  # a new graph must give the eager UNet's outputs, or it is not used
                 try:
-                    self._check_parity(graph, flat, tensors, model.dtype, signature)
+                    with torch.no_grad():
+                        want = flat(*tensors)
+                    check_parity("exported graph", graph(tensors), want, model.dtype, signature)
                 except PyinvError:
                     self.cache.remove(entry)
                     raise
-                self.built.append((signature, entry))
-            else:
-                self.found.append((signature, entry))
-            self._graphs[key] = (model.unet, graph)
+            self.record(signature, entry)
             return graph
 
-    @staticmethod
-    def _check_parity(graph: OrtGraph, flat: FlatUNet, tensors, dtype, signature: GraphSignature) -> None:
-        """A newly exported graph must give the eager UNet's outputs on the call it was
-        exported at (within :data:`PARITY`), or it is not used."""
-        with torch.no_grad():
-            want = flat(*tensors)
-        got = graph(tensors)
-        for name, w, g in zip(("prediction", "maps"), want, got, strict=False):
-            w, g = w.float(), g.to(w.device).float()
-            err = float((g - w).norm() / w.norm().clamp_min(1e-12))
-            if not err <= PARITY[dtype]:
-                raise PyinvError(
-                    f"the exported graph ({signature.describe()}) differs from the eager UNet: "
-                    f"relative error of its {name} {err:.2e} > {PARITY[dtype]:.0e}"
-                )
+        return self.made_for(model, signature, make)

@@ -29,18 +29,26 @@ import collections
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import PyinvError
-from .base import Backend
 from .cache import Entry, ExportCache
-from .export import GRAPH_FILE, OPSET, export_graph, graph_key, graph_what, require
-from .flat import FlatUNet, GraphSignature, flat_inputs, flat_unet
-from .ort import PARITY
+from .export import (
+    GRAPH_FILE,
+    OPSET,
+    PARITY,
+    ExportingBackend,
+    check_parity,
+    graph_key,
+    graph_what,
+    missing_packages,
+    require,
+)
+from .flat import GraphSignature, flat_inputs, flat_unet
 
 log = logging.getLogger(__name__)
 
@@ -288,22 +296,6 @@ class TrtEngine:
 
 
 # ---------------------------------------------------------------------- the backend
-def check_parity(engine: Callable, flat: FlatUNet, tensors, named, dtype, signature: GraphSignature) -> None:
-    """A newly built engine must give the eager UNet's outputs on the call it was built at
-    (within :data:`~pyinv.backends.ort.PARITY`), or it is not used."""
-    with torch.no_grad():
-        want = flat(*tensors)
-    got = engine(named)
-    for name, w, g in zip(("prediction", "maps"), want, got, strict=False):
-        w, g = w.float(), g.to(w.device).float()
-        err = float((g - w).norm() / w.norm().clamp_min(1e-12))
-        if not err <= PARITY[dtype]:
-            raise PyinvError(
-                f"the TensorRT engine ({signature.describe()}) differs from the eager UNet: "
-                f"relative error of its {name} {err:.2e} > {PARITY[dtype]:.0e}"
-            )
-
-
 def on_device(device: torch.device):
     """The block runs with ``device`` as the current CUDA device (nothing for a CPU device)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -314,7 +306,7 @@ def named_inputs(signature: GraphSignature, tensors) -> dict[str, torch.Tensor]:
     return {spec.name: t for spec, t in zip(signature.inputs, tensors, strict=True)}
 
 
-class TensorRTBackend(Backend):
+class TensorRTBackend(ExportingBackend):
     """See the module docstring. ``cache``: the export cache (a directory or an
     :class:`ExportCache`; default :func:`~pyinv.backends.cache.default_root`). ``optimize``:
     run the exported graphs through the ONNX optimizer, as TensorRT needs: the plain export
@@ -323,30 +315,16 @@ class TensorRTBackend(Backend):
     ``Split``."""
 
     name = "tensorrt"
-    traced = True
 
     def __init__(self, cache: ExportCache | str | None = None, opset: int = OPSET, optimize: bool = True):
-        self.cache = cache if isinstance(cache, ExportCache) else ExportCache(cache)
-        self.opset = opset
-        self.optimize = optimize
-        self._engines: dict[tuple, tuple[torch.nn.Module, TrtEngine]] = {}
-        self._lock = threading.Lock()
-        #: the engines this process built (signature, entry), in order
-        self.built: list[tuple[GraphSignature, Entry]] = []
-
-    def __repr__(self) -> str:
-        return f"TensorRTBackend(cache={self.cache!r})"
+        super().__init__(cache, opset, optimize)
 
     @classmethod
     def availability(cls) -> str | None:
-        import importlib.util
-
-        missing = [m for m in ("tensorrt", "onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+        missing = missing_packages("tensorrt", "onnx", "onnxscript")
         if missing:
             return f"needs {', '.join(missing)} (pip install 'pyinv[tensorrt]') and a CUDA GPU"
-        if not torch.cuda.is_available():
-            return "needs a CUDA GPU"
-        return None
+        return None if torch.cuda.is_available() else "needs a CUDA GPU"
 
     def check(self, device: torch.device, dtype: torch.dtype) -> None:
         if dtype not in PARITY:
@@ -363,28 +341,26 @@ class TensorRTBackend(Backend):
 
     def engine(self, model, signature: GraphSignature, control, tensors) -> TrtEngine:
         """The engine for ``signature`` (exported, built and checked at its first call)."""
-        key = (id(model.unet), signature, str(model.device))
-        found = self._engines.get(key)
-        if found is not None and found[0] is model.unet:
-            return found[1]
-        with self._lock:
-            found = self._engines.get(key)
-            if found is not None and found[0] is model.unet:
-                return found[1]
+
+        def make() -> TrtEngine:
             flat = flat_unet(model.unet, control)
             graph = self.graph_entry(model, signature, flat, tensors)
             entry, engine = self._loaded_engine(model, signature, graph)
-            if entry.built:
+            if entry.built:  # a new engine must give the eager UNet's outputs, or it is not used
                 try:
-                    check_parity(engine, flat, tensors, named_inputs(signature, tensors), model.dtype, signature)
+                    with torch.no_grad():
+                        want = flat(*tensors)
+                    got = engine(named_inputs(signature, tensors))
+                    check_parity("TensorRT engine", got, want, model.dtype, signature)
                 except PyinvError:
                     self.cache.remove(entry)
                     if graph.built:  # never checked otherwise: it may be the graph that is wrong
                         self.cache.remove(graph)
                     raise
-                self.built.append((signature, entry))
-            self._engines[key] = (model.unet, engine)
+            self.record(signature, entry)
             return engine
+
+        return self.made_for(model, signature, make)
 
     def _loaded_engine(self, model, signature: GraphSignature, graph: Entry) -> tuple[Entry, TrtEngine]:
         """The engine entry and the engine loaded from it; a cached engine this process
@@ -403,15 +379,6 @@ class TensorRTBackend(Backend):
         except PyinvError:
             self.cache.remove(entry)
             raise
-
-    def graph_entry(self, model, signature: GraphSignature, flat: FlatUNet, tensors) -> Entry:
-        """The ONNX graph of ``signature`` from the export cache (exported if absent), as the
-        ``onnxruntime`` backend gets its graphs; optimised by default (see the class)."""
-        return self.cache.get_or_build(
-            graph_what(model, signature, optimize=self.optimize),
-            graph_key(self.opset, self.optimize),
-            lambda directory: export_graph(flat, tensors, signature, directory, self.opset, self.optimize),
-        )
 
     def engine_entry(self, model, signature: GraphSignature, graph: Entry) -> Entry:
         """The engine of ``signature`` for the model's GPU and this TensorRT from the export
