@@ -8,7 +8,7 @@ import torch
 from unet_calls import SRC, captured_calls
 
 import pyinv
-from pyinv import P2P, LocalBlend, PnP
+from pyinv import P2P, LocalBlend, MasaCtrl, PnP
 from pyinv.backends import EagerBackend, OnnxRuntimeBackend, get_backend
 from pyinv.backends.flat import flat_inputs
 from pyinv.errors import PyinvError
@@ -106,3 +106,23 @@ def test_the_command_line_edits_on_the_onnxruntime_backend(tmp_path, image, edit
         assert cli.main([*argv, "--backend", backend, "--out", str(outs[backend])]) == 0
     a, b = (np.asarray(Image.open(outs[k]), dtype=np.int16) for k in ("eager", "onnxruntime"))
     assert a.shape == b.shape and np.abs(a - b).max() <= 1
+
+
+def test_concurrent_edits_on_one_backend_equal_serial_ones(editor, image, ort_backend):
+    """Threads sharing one backend (its sessions and their first export) give each edit what
+    it gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fast = pyinv.Editor(pyinv.DiffusionModel(**{**vars(editor.model), "backend": ort_backend, "_fp32_copies": {}}))
+    inv = fast.invert(image, SRC, method="direct", steps=4, seed=0)
+    jobs = [
+        ("a photo of a blue ball", lambda: P2P()),
+        ("a photo of a big blue cube", lambda: P2P(blend=LocalBlend("ball", "cube"), reweight={"big": 2.0})),
+        ("a photo of a blue cube", lambda: MasaCtrl(start_step=1)),
+        ("a photo of a green ball", lambda: PnP()),
+    ]
+    alone = [fast.edit(inv, target, control=make()).latents for target, make in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda job: fast.edit(inv, job[0], control=job[1]()).latents, jobs * 2))
+    for i, latents in enumerate(together):
+        assert torch.equal(latents, alone[i % len(jobs)]), jobs[i % len(jobs)][0]
