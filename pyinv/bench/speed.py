@@ -328,8 +328,9 @@ def run_bench(
 # ---------------------------------------------------------------------- targets
 def targets(rows: Sequence[SpeedRow], device_type: str) -> list[dict[str, Any]]:
     """The latency targets, as measured (never asserted): on the CPU, Direct Inversion + P2P
-    end to end ≥ 8× faster than the baseline at fp32, on the fastest backend; on CUDA, Direct + P2P end to end ≤ 1.0 s and
-    re-edit ≤ 0.6 s (stated for SD 1.5 at 512², 50 steps, fp16)."""
+    end to end ≥ 8× faster than the baseline at fp32, on the fastest backend; on CUDA,
+    Direct + P2P end to end ≤ 1.0 s and re-edit ≤ 0.6 s (stated for SD 1.5 at 512², 50
+    steps, fp16)."""
     direct = [r for r in rows if r.method == "direct" and r.control == "p2p" and r.error is None]
     if not direct:
         return []
