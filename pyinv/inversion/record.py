@@ -132,14 +132,19 @@ class Inversion:
             "stats": self.stats,
         }
 
+    def file_contents(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """What a file of this inversion holds: its tensors (on the CPU, contiguous) and the
+        safetensors header metadata (``{"pyinv": <JSON description>}``)."""
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
+        return tensors, {"pyinv": json.dumps(self.metadata())}
+
     def save(self, path: str | os.PathLike) -> None:
         """Write to ``path`` (safetensors; JSON description in the header), atomically."""
         from safetensors.torch import save_file
 
         from ..imageio import atomic_path
 
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
-        meta = {"pyinv": json.dumps(self.metadata())}
+        tensors, meta = self.file_contents()
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=meta)
 
