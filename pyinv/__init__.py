@@ -27,6 +27,7 @@ _EXPORTS = {
     "Inversion": ".inversion",
     "DiffusionModel": ".models",
     "load_model": ".models",
+    "Client": ".serve.client",
 }
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from .errors import PyinvError
     from .inversion import METHODS, Inversion
     from .models import DiffusionModel, load_model
+    from .serve.client import Client
 
 
 def __getattr__(name: str):
@@ -54,6 +56,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "METHODS",
     "P2P",
+    "Client",
     "Controller",
     "DiffusionModel",
     "EditResult",

@@ -87,6 +87,24 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Im
             img.close()  # multi-frame formats keep the file open otherwise
 
 
+def load_image_bytes(data: bytes, label: str = "upload", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode an image file's bytes (an upload) as an 8-bit RGB PIL image, with the checks of
+    :func:`load_image`; ``max_pixels`` (≤ :data:`MAX_PIXELS`) is checked from the header,
+    before the pixels are decoded (a small file that decodes to a huge image is refused)."""
+    import io
+
+    if not data:
+        raise PyinvError(f"image file is empty: {label}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        img = _open(io.BytesIO(data), label, max_pixels)
+        try:
+            out = _finish(img, label)
+            return out.copy() if out is img else out
+        finally:
+            img.close()
+
+
 def _finish(img: Image.Image, label: str) -> Image.Image:
     """``img`` checked for size, turned upright and converted to 8-bit RGB."""
     _check_size(img, label)
@@ -107,36 +125,38 @@ def _upright(img: Image.Image, label: str) -> Image.Image:
         raise PyinvError(f"image has damaged EXIF data: {label} ({exc})") from None
 
 
-def _open(path: str) -> Image.Image:
-    """Open and decode ``path`` with Pillow; every failure is one clear error, and the file
-    is closed. Pillow's decoders raise many kinds of exception on malformed data (OSError,
-    ValueError, SyntaxError, struct.error, EOFError, …), so any exception is a damaged file."""
+def _open(path, label: str | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open and decode ``path`` (or a binary file object, named ``label``) with Pillow; every
+    failure is one clear error, and the file is closed. Pillow's decoders raise many kinds of
+    exception on malformed data (OSError, ValueError, SyntaxError, struct.error, EOFError, …),
+    so any exception is a damaged file."""
+    label = path if label is None else label
     try:
         img = Image.open(path)
     except Image.DecompressionBombError:
-        raise PyinvError(f"image is too large (over {MAX_PIXELS // 1_000_000} megapixels): {path}") from None
+        raise PyinvError(f"image is too large (over {MAX_PIXELS // 1_000_000} megapixels): {label}") from None
     except UnidentifiedImageError:
-        raise PyinvError(f"not an image file (or an unsupported format): {path}") from None
+        raise PyinvError(f"not an image file (or an unsupported format): {label}") from None
     except Exception as exc:  # noqa: BLE001 - see the docstring
-        raise PyinvError(f"cannot read image {path}: {exc}") from None
+        raise PyinvError(f"cannot read image {label}: {exc}") from None
     try:
-        _check_size(img, path)
+        _check_size(img, label, max_pixels)
         img.load()
     except PyinvError:
         img.close()
         raise
     except Exception as exc:  # noqa: BLE001 - see the docstring
         img.close()
-        raise PyinvError(f"image file is damaged or truncated: {path} ({exc})") from None
+        raise PyinvError(f"image file is damaged or truncated: {label} ({exc})") from None
     return img
 
 
-def _check_size(img: Image.Image, label: str) -> None:
+def _check_size(img: Image.Image, label: str, max_pixels: int = MAX_PIXELS) -> None:
     w, h = img.size
     if min(w, h) < MIN_SIDE:
         raise PyinvError(f"image is too small ({w}x{h}); each side must be at least {MIN_SIDE} px: {label}")
-    if w * h > MAX_PIXELS:
-        raise PyinvError(f"image is too large ({w}x{h}, over {MAX_PIXELS // 1_000_000} megapixels): {label}")
+    if w * h > max_pixels:
+        raise PyinvError(f"image is too large ({w}x{h}, over {max_pixels / 1e6:g} megapixels): {label}")
 
 
 def center_crop_resize(img: Image.Image, size: int) -> Image.Image:

@@ -50,7 +50,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The ``pyinv`` argument parser with its subcommands."""
     from .. import __version__
-    from . import bench, edit, export, generate, info
+    from . import bench, edit, export, generate, info, serve
     from . import eval as evaluate
 
     parser = _Parser(
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_eval_parser(sub)
     bench.add_benchmark_parser(sub)
     export.add_parser(sub)
+    serve.add_parser(sub)
     info.add_parsers(sub)  # methods, info
     return parser
 
