@@ -260,3 +260,59 @@ def test_serve_command_line_usage_errors(capsys):
     assert "/v1/inversions" in capsys.readouterr().out
     assert cli.main(["serve", "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+def test_sigterm_drains_the_request_in_flight(tmp_path, upload):
+    """A live ``pyinv serve``: SIGTERM while an inversion runs lets it finish (200), the
+    process then exits, and the cache holds the whole file and no partial one."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cache = tmp_path / "cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "pyinv", "serve", "--model", "tiny", "--port", str(port), "--cache-dir", str(cache)]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the service did not get ready")
+        result = {}
+
+        def slow_inversion():
+            fields = {"source_prompt": SRC, "steps": "60", "method": "null-text", "options": '{"inner_steps": 2}'}
+            files = {"image": ("in.png", upload, "image/png")}
+            result["response"] = httpx.post(f"{url}/v1/inversions", data=fields, files=files, timeout=120)
+
+        worker = threading.Thread(target=slow_inversion)
+        worker.start()
+        time.sleep(1.5)  # the inversion is running
+        proc.send_signal(signal.SIGTERM)
+        worker.join(120)
+        # uvicorn shuts down gracefully, then ends by the signal it caught (the conventional status)
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+        response = result["response"]
+        assert response.status_code == 200, response.text
+        files = sorted(p.name for p in cache.iterdir())
+        assert files == [f"{response.json()['id']}.safetensors"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
