@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 import pyinv  # noqa: E402
 from pyinv.serve.app import PROBLEM, create_app  # noqa: E402
-from pyinv.serve.engine import Engine, Limits  # noqa: E402
+from pyinv.serve.engine import Engine, Job, Limits  # noqa: E402
 from pyinv.serve.store import InversionStore  # noqa: E402
 
 SRC = "a photo of a red ball"
@@ -178,9 +178,9 @@ def test_a_full_queue_answers_503_with_retry_after_and_a_slow_job_504(editor, tm
             running.set()
             release.wait()
 
-        blocker = engine._submit(hold)
+        blocker = engine._submit(Job(hold)).future
         assert running.wait(10)  # the worker is busy
-        queued = engine._submit(lambda: None)  # the one queue slot is taken
+        queued = engine._submit(Job(lambda: None)).future  # the one queue slot is taken
         try:
             r = c.post("/v1/edits", json={"inversion_id": "0" * 64, "targets": ["a"]})
             assert_problem(r, 503, "queue is full")
@@ -191,7 +191,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_a_slow_job_504(editor, tm
             queued.result(10)
         release.clear()
         running.clear()
-        slow = engine._submit(hold)
+        slow = engine._submit(Job(hold)).future
         assert running.wait(10)
         r = c.post("/v1/edits", json={"inversion_id": "0" * 64, "targets": ["a"]})
         release.set()
@@ -217,18 +217,35 @@ def test_a_failing_job_does_not_take_the_worker_down(client, upload, monkeypatch
 
 
 def test_concurrent_requests_give_the_serial_images(client, upload):
+    """Concurrent edits of one inversion: each gets its own target's image, the image it gets
+    alone (within one 8-bit level: a batched UNet row rounds slightly differently on the CPU),
+    and edits waiting together were batched."""
+    import numpy as np
+
     inv_id = invert(client, upload).json()["id"]
-    targets = ["a photo of a blue ball", "a photo of a green ball", "a photo of a green ball"]
+    targets = ["a photo of a blue ball", "a photo of a green ball", "a photo of a red cube"]
 
     def edit(target):
         r = client.post("/v1/edits", json={"inversion_id": inv_id, "targets": [target], "control": "p2p"})
         assert r.status_code == 200, r.text
-        return r.json()["images"][0]["png_base64"]
+        (image,) = r.json()["images"]
+        assert image["prompt"] == target
+        return np.asarray(decoded(image), dtype=np.int16), r.json()["batch_targets"]
 
-    serial = [edit(t) for t in targets]
+    serial = [edit(t)[0] for t in targets]
+    release = threading.Event()
+    engine = client.app.state.engine
+    hold = engine._submit(Job(release.wait)).future  # the edits below queue up behind it
     with ThreadPoolExecutor(6) as pool:
-        together = list(pool.map(edit, targets * 2))
-    assert together == serial * 2
+        futures = [pool.submit(edit, t) for t in targets * 2]
+        while engine.queue_depth < 6:
+            threading.Event().wait(0.01)
+        release.set()
+        together = [f.result() for f in futures]
+    hold.result(10)
+    for i, (image, batch) in enumerate(together):
+        assert np.abs(image - serial[i % 3]).max() <= 1
+        assert batch == 6  # all six waited together: one edit of six targets
 
 
 def test_a_restarted_service_finds_its_inversions_on_disk(editor, tmp_path, upload):

@@ -1,8 +1,11 @@
 """The engine behind the service: one worker per model holding it hot, a bounded queue.
 
 Requests become jobs on a bounded queue (:class:`Limits.queue_size`); one worker thread runs
-them in order on the :class:`~pyinv.api.Editor`, so the model is used by one job at a time
-and the UNet's memory stays that of one edit. A full queue refuses at once
+them in order on the :class:`~pyinv.api.Editor`, so the model is used by one job at a time.
+Edits waiting in the queue that differ only in their target prompts (the same inversion,
+control, guidance, seed and options) are run as one edit of all their targets — one UNet
+batch per step for all of them (:attr:`Limits.max_batch_targets`), each request answered
+with its own images. A full queue refuses at once
 (:class:`QueueFull`: the service answers 503 with ``Retry-After``) instead of letting a
 request wait past its timeout; a request that waits longer than
 :attr:`Limits.request_timeout_s` is answered 504 and its job, when it has not started, is
@@ -17,15 +20,16 @@ inverted once and edited any number of times.
 from __future__ import annotations
 
 import base64
+import collections
 import io
+import json
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import PyinvError
@@ -47,6 +51,8 @@ class Limits:
         max_steps: most sampling steps per inversion.
         request_timeout_s: longest a request waits for its job (queue + run).
         queue_size: most jobs waiting; more are refused with 503.
+        max_batch_targets: most target prompts one batched edit may gather from concurrent
+            requests (1: no batching).
     """
 
     max_upload_bytes: int = 20 << 20
@@ -56,6 +62,21 @@ class Limits:
     max_steps: int = 100
     request_timeout_s: float = 300.0
     queue_size: int = 16
+    max_batch_targets: int = 8
+
+
+@dataclass
+class Job:
+    """A queued unit of work: ``run()``'s result goes to ``future``. Edit jobs also carry
+    ``batch_key`` (what must be equal for two edits to share a UNet batch: the inversion, the
+    control, guidance, seed and options) and their ``targets``; ``edit(targets)`` runs the
+    edit of any target list."""
+
+    run: Callable[[], Any]
+    future: Future = field(default_factory=Future)
+    batch_key: str | None = None
+    targets: tuple[str, ...] = ()
+    edit: Callable[[list[str]], Any] | None = None
 
 
 class ServiceError(PyinvError):
@@ -107,7 +128,8 @@ class Engine:
         self.store = store
         self.limits = limits
         self.observe = observe or (lambda event, value: None)
-        self._queue: queue.Queue = queue.Queue(maxsize=limits.queue_size)
+        self._jobs: collections.deque[Job | None] = collections.deque()
+        self._wake = threading.Condition()
         self._worker: threading.Thread | None = None
         self._stopping = threading.Event()
         self.ready = False
@@ -121,7 +143,7 @@ class Engine:
         self._worker = threading.Thread(target=self._work, name="pyinv-engine", daemon=True)
         self._worker.start()
         if warm:
-            self._submit(self._warm_up).result()
+            self._submit(Job(self._warm_up)).future.result()
         self.ready = True
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
@@ -129,49 +151,93 @@ class Engine:
         self.ready = False
         self._stopping.set()
         if not drain:
-            while True:
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                job[1].set_exception(Stopping("the service is shutting down"))
+            with self._wake:
+                dropped = [job for job in self._jobs if job is not None]
+                self._jobs.clear()
+            for job in dropped:
+                job.future.set_exception(Stopping("the service is shutting down"))
         if self._worker is not None:
-            self._queue.put(None)
+            with self._wake:
+                self._jobs.append(None)
+                self._wake.notify()
             self._worker.join(timeout)
             self._worker = None
 
-    def _work(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            fn, future = job
-            self.observe("queue_depth", self._queue.qsize())
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn())
-            except BaseException as exc:  # noqa: BLE001 - the job's failure is its request's, not the worker's
-                future.set_exception(exc)
+    @property
+    def queue_depth(self) -> int:
+        return sum(job is not None for job in self._jobs)
 
-    def _submit(self, fn: Callable[[], Any]) -> Future:
+    def _next(self) -> list[Job] | None:
+        """The next job, with the queued edits that may share its batch (``None``: stop)."""
+        with self._wake:
+            while not self._jobs:
+                self._wake.wait()
+            job = self._jobs.popleft()
+            if job is None:
+                return None
+            batch = [job]
+            if job.batch_key is not None:
+                room = self.limits.max_batch_targets - len(job.targets)
+                for other in list(self._jobs):
+                    if other is not None and other.batch_key == job.batch_key and len(other.targets) <= room:
+                        self._jobs.remove(other)
+                        batch.append(other)
+                        room -= len(other.targets)
+            self.observe("queue_depth", self.queue_depth)
+            return batch
+
+    def _work(self) -> None:
+        while (batch := self._next()) is not None:
+            batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
+            if len(batch) == 1:
+                self._finish(batch[0], batch[0].run)
+            elif batch:
+                self._run_batch(batch)
+
+    @staticmethod
+    def _finish(job: Job, fn: Callable[[], Any]) -> None:
+        try:
+            job.future.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001 - the job's failure is its request's, not the worker's
+            job.future.set_exception(exc)
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        """Several edits of one inversion as one edit of all their targets, each request
+        given its own images; if the shared edit fails, each runs alone (one bad request
+        does not fail the others)."""
+        targets = [t for job in batch for t in job.targets]
+        try:
+            out = batch[0].edit(targets)
+        except BaseException:  # noqa: BLE001 - retried one by one below
+            for job in batch:
+                self._finish(job, job.run)
+            return
+        start = 0
+        for job in batch:
+            part = dict(out)
+            part["images"] = out["images"][start : start + len(job.targets)]
+            part["batch_targets"] = len(targets)
+            start += len(job.targets)
+            job.future.set_result(part)
+
+    def _submit(self, job: Job) -> Job:
         if self._stopping.is_set():
             raise Stopping("the service is shutting down")
-        future: Future = Future()
-        try:
-            self._queue.put_nowait((fn, future))
-        except queue.Full:
-            raise QueueFull(f"the queue is full ({self.limits.queue_size} jobs waiting); retry shortly") from None
-        self.observe("queue_depth", self._queue.qsize())
-        return future
+        with self._wake:
+            if self.queue_depth >= self.limits.queue_size:
+                raise QueueFull(f"the queue is full ({self.limits.queue_size} jobs waiting); retry shortly")
+            self._jobs.append(job)
+            self._wake.notify()
+            self.observe("queue_depth", self.queue_depth)
+        return job
 
-    def run(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the worker and wait for it (at most the request timeout)."""
-        future = self._submit(fn)
+    def run(self, fn: Callable[[], Any] | Job) -> Any:
+        """Run ``fn`` (or a :class:`Job`) on the worker and wait for it (at most the request timeout)."""
+        job = self._submit(fn if isinstance(fn, Job) else Job(fn))
         try:
-            return future.result(timeout=self.limits.request_timeout_s)
+            return job.future.result(timeout=self.limits.request_timeout_s)
         except FutureTimeout:
-            future.cancel()
+            job.future.cancel()
             raise TimedOut(f"the request took longer than {self.limits.request_timeout_s:g} s") from None
 
     def _warm_up(self) -> None:
@@ -269,27 +335,30 @@ class Engine:
         controller = self.controller(control)
         check_id(inversion_id)
 
-        def job() -> dict[str, Any]:
+        def edit_targets(names: list[str]) -> dict[str, Any]:
             start = time.perf_counter()
             inv = self.store.get(inversion_id, fingerprint=self.editor.model.fingerprint())
             if inv is None:
                 raise NotFound(f"no inversion {inversion_id} (unknown, deleted or evicted)")
-            result = self.editor.edit(
-                inv, list(targets), guidance=guidance, control=controller, seed=seed, **dict(options or {})
-            )
-            self.observe("batch_size", len(targets))
+            extra = dict(options or {})
+            result = self.editor.edit(inv, names, guidance=guidance, control=controller, seed=seed, **extra)
+            self.observe("batch_size", len(names))
             self.observe("unet_image_forwards", result.unet_image_forwards)
-            pairs = zip(targets, result.images, strict=True)
+            pairs = zip(names, result.images, strict=True)
             images = [{"prompt": p, "png_base64": png_base64(img)} for p, img in pairs]
-            total = time.perf_counter() - start
             return {
                 "inversion_id": inversion_id,
                 "images": images,
+                "batch_targets": len(names),
                 "unet_image_forwards": result.unet_image_forwards,
-                "timings": {"edit_s": result.seconds, "total_s": total},
+                "timings": {"edit_s": result.seconds, "total_s": time.perf_counter() - start},
             }
 
-        return self.run(job)
+        # edits that differ only in their targets may share one UNet batch (see Engine._next)
+        same = {"id": inversion_id, "control": control, "guidance": guidance, "seed": seed, "options": options}
+        key = json.dumps(same, sort_keys=True, default=repr) if self.limits.max_batch_targets > 1 else None
+        names = list(targets)
+        return self.run(Job(lambda: edit_targets(names), batch_key=key, targets=tuple(names), edit=edit_targets))
 
     @staticmethod
     def controller(control: Any):
