@@ -65,7 +65,7 @@ class Limits:
     max_batch_targets: int = 8
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """A queued unit of work: ``run()``'s result goes to ``future``. Edit jobs also carry
     ``batch_key`` (what must be equal for two edits to share a UNet batch: the inversion, the
