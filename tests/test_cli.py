@@ -311,7 +311,7 @@ def test_info_says_which_backends_can_run(capsys, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
     assert cli.main(["info", "--json"]) == 0
     why = json.loads(capsys.readouterr().out)["backends"]["onnxruntime"]
-    assert why == "needs onnxscript (pip install 'pyinv[export]')"
+    assert why.startswith("needs ") and "onnxscript" in why and why.endswith("(pip install 'pyinv[export]')")
 
 
 def test_help_exits_zero(capsys):
