@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Editor": ".api",
     "EditResult": ".api",
+    "EditSpec": ".api",
     "P2P": ".control",
     "Controller": ".control",
     "LocalBlend": ".control",
@@ -31,7 +32,7 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from .api import Editor, EditResult
+    from .api import Editor, EditResult, EditSpec
     from .control import P2P, Controller, LocalBlend, MasaCtrl, PnP
     from .errors import PyinvError
     from .inversion import METHODS, Inversion
@@ -60,6 +61,7 @@ __all__ = [
     "Controller",
     "DiffusionModel",
     "EditResult",
+    "EditSpec",
     "Editor",
     "Inversion",
     "LocalBlend",

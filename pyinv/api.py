@@ -55,6 +55,32 @@ class EditResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class EditSpec:
+    """One edit of :meth:`Editor.edit_many`: the arguments of :meth:`Editor.edit`
+    (``options``: the method-specific edit options)."""
+
+    inversion: Inversion | str | os.PathLike
+    target: str | Sequence[str]
+    guidance: float | None = None
+    control: Controller | str | None = None
+    with_source: bool = False
+    seed: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _edit_spec(value: Any) -> EditSpec:
+    if not isinstance(value, dict):
+        raise PyinvError(f"each edit must be an EditSpec or a dict of its fields, got {type(value).__name__}")
+    known = {f for f in EditSpec.__dataclass_fields__}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise PyinvError(f"unknown edit field(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
+    if "inversion" not in value or "target" not in value:
+        raise PyinvError("each edit needs an inversion and a target")
+    return EditSpec(**value)
+
+
 def _check_prompt(prompt: Any, what: str, allow_empty: bool = False) -> str:
     check_text(prompt, what)
     if not prompt.strip() and not allow_empty:
@@ -267,11 +293,61 @@ class Editor:
         """
         return self._edit(inversion, _targets(target), guidance, control, with_source, seed, **options)
 
+    def edit_many(self, edits: Sequence[EditSpec | dict[str, Any]]) -> list[EditResult]:
+        """Several edits — of one inversion or of different ones — run together: one result
+        per edit, in order, each as :meth:`edit` would give it.
+
+        Edits that run the same timesteps (same step count and schedule) go step by step
+        together, and at each step those whose controls can share one UNet call — no control,
+        or the same controller settings (P2P, MasaCtrl, PnP; LocalBlend included) — are one
+        call of their batches concatenated, with the control applied row by row
+        (:func:`pyinv.loop.run_shared`). EDICT edits, which run their own loop, run alone.
+        Results equal separate edits up to the rounding that depends on the batch a row is
+        in. Each edit is given as an :class:`EditSpec` or a dict of its fields; every edit
+        is checked before any work. ``seconds`` is the wall time of the whole call.
+        """
+        specs = [spec if isinstance(spec, EditSpec) else _edit_spec(spec) for spec in edits]
+        started = time.perf_counter()
+        checked = []
+        for spec in specs:
+            inv = spec.inversion
+            inv = self.load_inversion(inv) if not isinstance(inv, Inversion) else inv
+            targets = _targets(spec.target)
+            args = self._checked(inv, targets, spec.guidance, spec.control, spec.seed, spec.options)
+            checked.append((inv, targets, *args))
+        jobs, outputs = {}, {}
+        for k, (inv, targets, algo, guidance, control, seed) in enumerate(checked):
+            spec = specs[k]
+            with seeded(seed):
+                if algo.shares_calls:
+                    job = algo.edit_job(self.model, inv, targets, guidance, control, spec.with_source, **spec.options)
+                    jobs[k] = (algo, job)
+                else:
+                    outputs[k] = algo.edit(
+                        self.model, inv, targets, guidance, control, spec.with_source, self.progress, **spec.options
+                    )
+        from . import loop
+
+        results = loop.run_shared(self.model, [job for _, job in jobs.values()], progress=self.progress)
+        for (k, (algo, job)), result in zip(jobs.items(), results, strict=True):
+            outputs[k] = algo.edit_output(job, result)
+        finished = []
+        for k, (_, targets, _, guidance, *_rest) in enumerate(checked):
+            finished.append(self._edit_result(outputs[k], targets, guidance, started))
+        seconds = time.perf_counter() - started
+        for result in finished:
+            result.seconds = seconds
+        return finished
+
     def _edit(self, inversion, targets: list[str], guidance, control, with_source, seed, **options) -> EditResult:
         inv = self.load_inversion(inversion) if not isinstance(inversion, Inversion) else inversion
         started = time.perf_counter()
         out = self._edit_latents(inv, targets, guidance, control, with_source, seed, **options)
         w = get_method(inv.method).default_guidance if guidance is None else float(guidance)  # checked above
+        return self._edit_result(out, targets, w, started)
+
+    def _edit_result(self, out, targets: list[str], w: float, started: float) -> EditResult:
+        """Decode an edit's latents (``w``: its guidance, for the error message) into its result."""
         images = self._decode_checked(out.targets, "the edit", w) if len(out.targets) else []
         # a reconstruction may be as flat as its image; only a non-finite one is an error
         source = None
@@ -291,6 +367,12 @@ class Editor:
 
     def _edit_latents(self, inv: Inversion, targets, guidance, control, with_source, seed, **options):
         """The edit's latents (no decode): the method's :class:`~pyinv.inversion.base.EditOutput`."""
+        algo, guidance, control, seed = self._checked(inv, targets, guidance, control, seed, options)
+        with seeded(seed):
+            return algo.edit(self.model, inv, targets, guidance, control, with_source, self.progress, **options)
+
+    def _checked(self, inv: Inversion, targets, guidance, control, seed, options):
+        """An edit's arguments checked before any work: ``(method, guidance, controller, seed)``."""
         inv.check_model(self.model)
         algo = get_method(inv.method)
         guidance = check_guidance(algo.default_guidance if guidance is None else guidance)
@@ -302,8 +384,7 @@ class Editor:
         self.model.check_prompt_length(inv.source_prompt, "the inversion's source prompt")
         self.check_prompts(None, targets)
         algo.edit_options_of(options)  # unknown names and bad values, before any work
-        with seeded(seed):
-            return algo.edit(self.model, inv, targets, guidance, control, with_source, self.progress, **options)
+        return algo, guidance, control, seed
 
     def edit_latents(
         self,

@@ -248,6 +248,41 @@ def test_concurrent_requests_give_the_serial_images(client, upload):
         assert batch == 6  # all six waited together: one edit of six targets
 
 
+def test_concurrent_edits_of_different_inversions_share_the_unet_calls(client, upload, image):
+    """Edits of two uploads queued together run as one shared edit (``batch_edits`` 2, one
+    UNet call per step for both) and give the images each gets alone."""
+    import numpy as np
+
+    other = png_bytes(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    ids = [invert(client, upload).json()["id"], invert(client, other).json()["id"]]
+    assert ids[0] != ids[1]
+    jobs = [(ids[0], "a photo of a blue ball"), (ids[1], "a photo of a green ball"), (ids[0], "a photo of a cube")]
+
+    def edit(job):
+        inv_id, target = job
+        r = client.post("/v1/edits", json={"inversion_id": inv_id, "targets": [target], "control": "p2p"})
+        assert r.status_code == 200, r.text
+        return np.asarray(decoded(r.json()["images"][0]), dtype=np.int16), r.json()
+
+    serial = [edit(job)[0] for job in jobs]
+    release = threading.Event()
+    engine = client.app.state.engine
+    hold = engine._submit(Job(release.wait)).future
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(edit, job) for job in jobs]
+        while engine.queue_depth < 3:
+            threading.Event().wait(0.01)
+        release.set()
+        together = [f.result() for f in futures]
+    hold.result(10)
+    for (image, body), alone in zip(together, serial, strict=True):
+        assert np.abs(image - alone).max() <= 1
+        assert body["batch_edits"] == 2 and body["batch_targets"] == 3
+    # one inversion's two edits became one edit of two targets: its UNet rows count both
+    assert together[0][1]["unet_image_forwards"] == together[2][1]["unet_image_forwards"]
+    assert together[0][1]["unet_image_forwards"] > together[1][1]["unet_image_forwards"]
+
+
 def test_a_restarted_service_finds_its_inversions_on_disk(editor, tmp_path, upload):
     with service(editor, tmp_path) as c:
         inv_id = invert(c, upload).json()["id"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -48,6 +48,10 @@ class ControlRule:
     layers: frozenset[str] = frozenset()
     feature_modules: frozenset[str] = frozenset()
 
+    #: how each step input is merged when edits share a UNet call (:mod:`pyinv.control.shared`):
+    #: ``"index"`` (row indices), ``"concat"`` (per row or per target) or ``"stack"`` (per edit)
+    shared_inputs: ClassVar[dict[str, str]] = {}
+
     def attend(self, name: str, q, k, v, scale: float, call) -> torch.Tensor:
         """``(R, H, n, d)`` attention output of layer ``name`` under ``call.step``."""
         raise NotImplementedError
@@ -55,6 +59,21 @@ class ControlRule:
     def features(self, name: str, output: torch.Tensor, call) -> torch.Tensor | None:
         """The ``conv2`` output ``(R, C, h, w)`` of block ``name`` under ``call.step``."""
         return None
+
+    # -------------------------------------------------------- sharing a call (control.shared)
+    def share_identity(self) -> ControlRule | None:
+        """The rule with its row numbers cleared: rules with equal identities can share a UNet
+        call. ``None`` (the default): this rule does not say how, so it never shares."""
+        return None
+
+    def shared(self, steps: list[StepControl], offsets: list[int]) -> tuple[ControlRule, dict[str, torch.Tensor]]:
+        """The rule of a call shared by ``steps``' edits (their rows from ``offsets`` on) and
+        any inputs it needs besides the merged :attr:`shared_inputs`."""
+        return self, {}
+
+    def split_maps(self, maps: torch.Tensor, steps: list[StepControl]) -> list[torch.Tensor]:
+        """A shared call's gathered word maps, split back per edit (rules that gather maps)."""
+        raise NotImplementedError(f"{type(self).__name__} gathers no maps")
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,11 @@ class MasaCtrl(Controller):
 class MasaRule(ControlRule):
     """``out = SDPA(Q, K[kv], V[kv])`` on the controlled self-attention layers."""
 
+    shared_inputs = {"kv": "index"}
+
+    def share_identity(self) -> MasaRule:
+        return self  # no row numbers in the rule itself
+
     def attend(self, name: str, q, k, v, scale: float, call):
         step = call.step
         if "masa" not in step.active:

@@ -33,6 +33,7 @@ and the self-attention row index stacked over the calls, and which terms each ca
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -268,12 +269,52 @@ class P2PRule(ControlRule):
 
     ``layers``: the self-attention layers in ``self_layers`` (replaced in the self window)
     and every cross-attention layer; ``map_layers``: the cross-attention layers whose word
-    maps LocalBlend sums; ``source_cond``: the source's conditional row.
+    maps LocalBlend sums; ``source_cond``: the source's conditional row. A ``multi_source`` rule
+    serves several edits in one call (:mod:`pyinv.control.shared`): each target reads the
+    source row ``target_source[t]`` and LocalBlend's source maps come from the rows
+    ``sources`` (one per edit), with ``blend_source (E, L)``.
     """
 
     self_layers: frozenset[str]
     map_layers: frozenset[str]
     source_cond: int
+    multi_source: bool = False
+
+    shared_inputs = {
+        "self_qk": "index",
+        "targets": "index",
+        "key_scale": "concat",
+        "mix": "concat",
+        "target_scale": "concat",
+        "blend_targets": "concat",
+        "blend_source": "stack",
+    }
+
+    def share_identity(self) -> P2PRule:
+        return dataclasses.replace(self, source_cond=0, multi_source=False)
+
+    def shared(self, steps, offsets):
+        sources, per_target = [], []
+        for step, offset in zip(steps, offsets, strict=True):
+            row = step.rule.source_cond + offset
+            sources.append(row)
+            per_target += [row] * int(step.inputs["targets"].shape[0])
+        device = steps[0].inputs["targets"].device
+        extra = {
+            "sources": torch.tensor(sources, dtype=torch.long, device=device),
+            "target_source": torch.tensor(per_target, dtype=torch.long, device=device),
+        }
+        return dataclasses.replace(self, source_cond=0, multi_source=True), extra
+
+    def split_maps(self, maps, steps):
+        """Rows ``(E + T, n)`` of a shared call (the edits' sources, then all targets) →
+        per edit ``(1 + T_e, n)``."""
+        out, first = [], len(steps)
+        for e, step in enumerate(steps):
+            count = int(step.inputs["targets"].shape[0])
+            out.append(torch.cat([maps[e : e + 1], maps[first : first + count]]))
+            first += count
+        return out
 
     def attend(self, name: str, q, k, v, scale: float, call) -> torch.Tensor:
         step = call.step
@@ -287,7 +328,7 @@ class P2PRule(ControlRule):
         targets = x["targets"]
         if edit:
             out = sdpa(q, k, v * x["key_scale"][:, None, :, None], scale)
-            from_source = self.from_source(q, k, v.index_select(0, targets), x["mix"], scale)
+            from_source = self.from_source(q, k, v.index_select(0, targets), x, scale)
             out = out.index_add(0, targets, from_source)
         else:
             out = sdpa(q, k, v, scale)
@@ -295,13 +336,16 @@ class P2PRule(ControlRule):
             call.maps.append(self.word_maps(q, k, scale, x, edit))
         return out
 
-    def from_source(self, q, k, values, mix, scale: float) -> torch.Tensor:
+    def from_source(self, q, k, values, x, scale: float) -> torch.Tensor:
         """``SDPA(Q_src, K_src, A_t · values_t)`` for every target ``t``: ``(T, H, n, ·)``."""
-        T = values.shape[0]
-        s = self.source_cond
-        qs = q[s : s + 1].expand(T, -1, -1, -1)
-        ks = k[s : s + 1].expand(T, -1, -1, -1)
-        return sdpa(qs, ks, torch.matmul(mix[:, None], values), scale)
+        if self.multi_source:
+            src = x["target_source"]
+            qs, ks = q.index_select(0, src), k.index_select(0, src)
+        else:
+            T, s = values.shape[0], self.source_cond
+            qs = q[s : s + 1].expand(T, -1, -1, -1)
+            ks = k[s : s + 1].expand(T, -1, -1, -1)
+        return sdpa(qs, ks, torch.matmul(x["mix"][:, None], values), scale)
 
     def word_maps(self, q, k, scale: float, x, edited: bool) -> torch.Tensor:
         """This layer's word maps summed over heads, ``(1 + T, n)`` float32: the source's, then
@@ -309,13 +353,18 @@ class P2PRule(ControlRule):
         heads = q.shape[1]
         s, tc = self.source_cond, x["targets"]
         dt = q.dtype
-        e_src = x["blend_source"].to(dt)[None, None, :, None].expand(1, heads, -1, -1)
         e_tgt = x["blend_targets"].to(dt)[:, None, :, None].expand(-1, heads, -1, -1)  # (T, H, L, 1)
-        src = sdpa(q[s : s + 1], k[s : s + 1], e_src, scale)
+        if self.multi_source:  # one source map per edit: (E, H, L, 1)
+            rows = x["sources"]
+            e_src = x["blend_source"].to(dt)[:, None, :, None].expand(-1, heads, -1, -1)
+            src = sdpa(q.index_select(0, rows), k.index_select(0, rows), e_src, scale)
+        else:
+            e_src = x["blend_source"].to(dt)[None, None, :, None].expand(1, heads, -1, -1)
+            src = sdpa(q[s : s + 1], k[s : s + 1], e_src, scale)
         q_t, k_t = q.index_select(0, tc), k.index_select(0, tc)
         if edited:
             tgt = sdpa(q_t, k_t, e_tgt * x["target_scale"].to(dt)[:, None, :, None], scale)
-            tgt = tgt + self.from_source(q, k, e_tgt, x["mix"], scale)
+            tgt = tgt + self.from_source(q, k, e_tgt, x, scale)
         else:
             tgt = sdpa(q_t, k_t, e_tgt, scale)
         return torch.cat([src, tgt]).sum(1)[..., 0].float()

@@ -161,6 +161,11 @@ class PnPRule(ControlRule):
     """``out = SDPA(Q[qk], K[qk], V)`` on the controlled self-attention layers and
     ``h ← h[features]`` on the feature block's ``conv2`` output."""
 
+    shared_inputs = {"qk": "index", "features": "index"}
+
+    def share_identity(self) -> PnPRule:
+        return self  # no row numbers in the rule itself
+
     def attend(self, name: str, q, k, v, scale: float, call):
         step = call.step
         if "attention" not in step.active:

@@ -184,17 +184,50 @@ class Method:
         options: MethodOptions,
     ) -> EditOutput:
         """Run :meth:`program` through the loop driver (EDICT runs its own loop instead)."""
+        job = self._edit_job(model, inv, schedule, targets, guidance, controller, with_source, options)
+        desc = f"edit ({self.name})"
+        result = loop.run(model, job.program, job.controller, job.context, progress=progress, desc=desc)
+        return self.edit_output(job, result)
+
+    #: the edit runs through the loop driver, so it can share UNet calls with other edits
+    #: (:meth:`edit_job`, :func:`pyinv.loop.run_shared`); EDICT runs its own loop
+    shares_calls: ClassVar[bool] = True
+
+    def edit_job(
+        self,
+        model,
+        inv: Inversion,
+        targets: Sequence[str],
+        guidance: float,
+        controller: Controller | None,
+        with_source: bool,
+        **options: Any,
+    ) -> loop.EditJob:
+        """:meth:`edit` up to the loop: the program, the controller and the plan's context,
+        for :func:`pyinv.loop.run_shared` (then :meth:`edit_output`). Only for methods that
+        :attr:`shares_calls`."""
+        if not self.shares_calls:
+            raise PyinvError(f"{self.name} runs its own sampling loop; its edits cannot share UNet calls")
+        opts = self.edit_options_of(options)
+        schedule = schedule_of(model, inv)
+        return self._edit_job(model, inv, schedule, targets, guidance, controller, with_source, opts)
+
+    def _edit_job(self, model, inv, schedule, targets, guidance, controller, with_source, options) -> loop.EditJob:
         needs_source = with_source or bool(controller and controller.reads_source)
         program = self.program(model, inv, schedule, targets, guidance, needs_source, options)
         if controller is not None:
             program = controller.prepare(model, program, inv.source_prompt, list(targets))
         context = EditContext(inv.source_prompt, tuple(targets), self.control_defaults)
-        result = loop.run(model, program, controller, context, progress=progress, desc=f"edit ({self.name})")
+        return loop.EditJob(program, controller, context)
+
+    @staticmethod
+    def edit_output(job: loop.EditJob, result: loop.LoopResult) -> EditOutput:
+        """The :class:`EditOutput` of a job's loop result."""
         lat = result.latents
-        source = lat[:1] if program.has_source else None
+        has_source = job.program.has_source
         return EditOutput(
-            targets=lat[1:] if program.has_source else lat,
-            source=source,
+            targets=lat[1:] if has_source else lat,
+            source=lat[:1] if has_source else None,
             unet_calls=result.unet_calls,
             unet_image_forwards=result.unet_image_forwards,
             batch_rows=result.layout.rows,

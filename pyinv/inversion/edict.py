@@ -175,6 +175,7 @@ class EDICTInversion(Method):
     default_steps = 50
     default_guidance = 3.0
     takes_control = False
+    shares_calls = False  # its coupled loop is its own
     invert_options_type = EDICTOptions
     tensors = ("edict_x", "edict_y")
 

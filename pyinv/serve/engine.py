@@ -2,10 +2,11 @@
 
 Requests become jobs on a bounded queue (:class:`Limits.queue_size`); one worker thread runs
 them in order on the :class:`~pyinv.api.Editor`, so the model is used by one job at a time.
-Edits waiting in the queue that differ only in their target prompts (the same inversion,
-control, guidance, seed and options) are run as one edit of all their targets — one UNet
-batch per step for all of them (:attr:`Limits.max_batch_targets`), each request answered
-with its own images. A full queue refuses at once
+Edits waiting in the queue with the same control, guidance and options are run together
+(:attr:`Limits.max_batch_targets` targets at most): those of one inversion as one edit of
+all their targets, and the edits of different inversions sharing each step's UNet call
+(:meth:`pyinv.api.Editor.edit_many`) — one UNet batch per step for all of them, each
+request answered with its own images. A full queue refuses at once
 (:class:`QueueFull`: the service answers 503 with ``Retry-After``) instead of letting a
 request wait past its timeout; a request that waits longer than
 :attr:`Limits.request_timeout_s` is answered 504 and its job, when it has not started, is
@@ -65,18 +66,32 @@ class Limits:
     max_batch_targets: int = 8
 
 
+@dataclass(frozen=True)
+class EditCall:
+    """What an edit request asks for, besides its targets (the request's own controller)."""
+
+    inversion_id: str
+    controller: Any
+    guidance: float | None
+    seed: int | None
+    options: Mapping[str, Any]
+
+
 @dataclass(eq=False)
 class Job:
-    """A queued unit of work: ``run()``'s result goes to ``future``. Edit jobs also carry
-    ``batch_key`` (what must be equal for two edits to share a UNet batch: the inversion, the
-    control, guidance, seed and options) and their ``targets``; ``edit(targets)`` runs the
-    edit of any target list."""
+    """A queued unit of work: ``run()``'s result goes to ``future``.
+
+    Edit jobs also carry the ``edit`` they ask for, their ``targets``, a ``share_key`` (equal
+    for edits whose UNet calls may be shared: the same control, guidance and options, any
+    inversion) and a ``batch_key`` (equal for edits that differ only in their targets: the
+    same inversion and seed too, so they are one edit of all their targets)."""
 
     run: Callable[[], Any]
     future: Future = field(default_factory=Future)
     batch_key: str | None = None
+    share_key: str | None = None
     targets: tuple[str, ...] = ()
-    edit: Callable[[list[str]], Any] | None = None
+    edit: EditCall | None = None
 
 
 class ServiceError(PyinvError):
@@ -168,7 +183,7 @@ class Engine:
         return sum(job is not None for job in self._jobs)
 
     def _next(self) -> list[Job] | None:
-        """The next job, with the queued edits that may share its batch (``None``: stop)."""
+        """The next job, with the queued edits that may share its UNet calls (``None``: stop)."""
         with self._wake:
             while not self._jobs:
                 self._wake.wait()
@@ -176,10 +191,10 @@ class Engine:
             if job is None:
                 return None
             batch = [job]
-            if job.batch_key is not None:
+            if job.share_key is not None:
                 room = self.limits.max_batch_targets - len(job.targets)
                 for other in list(self._jobs):
-                    if other is not None and other.batch_key == job.batch_key and len(other.targets) <= room:
+                    if other is not None and other.share_key == job.share_key and len(other.targets) <= room:
                         self._jobs.remove(other)
                         batch.append(other)
                         room -= len(other.targets)
@@ -202,23 +217,73 @@ class Engine:
             job.future.set_exception(exc)
 
     def _run_batch(self, batch: list[Job]) -> None:
-        """Several edits of one inversion as one edit of all their targets, each request
-        given its own images; if the shared edit fails, each runs alone (one bad request
-        does not fail the others)."""
-        targets = [t for job in batch for t in job.targets]
+        """Concurrent edits as one :meth:`~pyinv.api.Editor.edit_many`: those of one inversion
+        (one ``batch_key``) as one edit of all their targets, the edits of different
+        inversions sharing each step's UNet call; each request is given its own images. If the
+        shared run fails, each edit runs alone (one bad request does not fail the others)."""
+        groups: dict[str, list[Job]] = {}
+        for job in batch:
+            groups.setdefault(job.batch_key or str(id(job)), []).append(job)
         try:
-            out = batch[0].edit(targets)
+            out = self._edit_groups(list(groups.values()))
         except BaseException:  # noqa: BLE001 - retried one by one below
             for job in batch:
                 self._finish(job, job.run)
             return
-        start = 0
-        for job in batch:
-            part = dict(out)
-            part["images"] = out["images"][start : start + len(job.targets)]
-            part["batch_targets"] = len(targets)
-            start += len(job.targets)
-            job.future.set_result(part)
+        for members, result in zip(groups.values(), out, strict=True):
+            start = 0
+            for job in members:
+                part = dict(result)
+                part["images"] = result["images"][start : start + len(job.targets)]
+                start += len(job.targets)
+                job.future.set_result(part)
+
+    def _edit_groups(self, groups: list[list[Job]]) -> list[dict[str, Any]]:
+        """Run the edit groups together (see :meth:`_run_batch`): one response per group."""
+        from ..api import EditSpec
+
+        start = time.perf_counter()
+        specs = []
+        for members in groups:
+            call = members[0].edit
+            specs.append(
+                EditSpec(
+                    self._stored(call.inversion_id),
+                    [t for job in members for t in job.targets],
+                    guidance=call.guidance,
+                    control=call.controller,
+                    seed=call.seed,
+                    options=dict(call.options),
+                )
+            )
+        results = self.editor.edit_many(specs)
+        total = sum(len(spec.target) for spec in specs)
+        self.observe("batch_size", total)
+        responses = []
+        for members, spec, result in zip(groups, specs, results, strict=True):
+            self.observe("unet_image_forwards", result.unet_image_forwards)
+            responses.append(
+                self._response(members[0].edit.inversion_id, spec.target, result, start, total, len(specs))
+            )
+        return responses
+
+    def _stored(self, inversion_id: str):
+        inv = self.store.get(inversion_id, fingerprint=self.editor.model.fingerprint())
+        if inv is None:
+            raise NotFound(f"no inversion {inversion_id} (unknown, deleted or evicted)")
+        return inv
+
+    @staticmethod
+    def _response(inversion_id, names, result, start: float, targets: int, edits: int) -> dict[str, Any]:
+        pairs = zip(names, result.images, strict=True)
+        return {
+            "inversion_id": inversion_id,
+            "images": [{"prompt": p, "png_base64": png_base64(img)} for p, img in pairs],
+            "batch_targets": targets,
+            "batch_edits": edits,
+            "unet_image_forwards": result.unet_image_forwards,
+            "timings": {"edit_s": result.seconds, "total_s": time.perf_counter() - start},
+        }
 
     def _submit(self, job: Job) -> Job:
         if self._stopping.is_set():
@@ -335,30 +400,24 @@ class Engine:
         controller = self.controller(control)
         check_id(inversion_id)
 
-        def edit_targets(names: list[str]) -> dict[str, Any]:
+        call = EditCall(inversion_id, controller, guidance, seed, dict(options or {}))
+        names = list(targets)
+
+        def edit_alone() -> dict[str, Any]:
             start = time.perf_counter()
-            inv = self.store.get(inversion_id, fingerprint=self.editor.model.fingerprint())
-            if inv is None:
-                raise NotFound(f"no inversion {inversion_id} (unknown, deleted or evicted)")
-            extra = dict(options or {})
-            result = self.editor.edit(inv, names, guidance=guidance, control=controller, seed=seed, **extra)
+            inv = self._stored(inversion_id)
+            result = self.editor.edit(inv, names, guidance=guidance, control=controller, seed=seed, **call.options)
             self.observe("batch_size", len(names))
             self.observe("unet_image_forwards", result.unet_image_forwards)
-            pairs = zip(names, result.images, strict=True)
-            images = [{"prompt": p, "png_base64": png_base64(img)} for p, img in pairs]
-            return {
-                "inversion_id": inversion_id,
-                "images": images,
-                "batch_targets": len(names),
-                "unet_image_forwards": result.unet_image_forwards,
-                "timings": {"edit_s": result.seconds, "total_s": time.perf_counter() - start},
-            }
+            return self._response(inversion_id, names, result, start, len(names), 1)
 
-        # edits that differ only in their targets may share one UNet batch (see Engine._next)
-        same = {"id": inversion_id, "control": control, "guidance": guidance, "seed": seed, "options": options}
-        key = json.dumps(same, sort_keys=True, default=repr) if self.limits.max_batch_targets > 1 else None
-        names = list(targets)
-        return self.run(Job(lambda: edit_targets(names), batch_key=key, targets=tuple(names), edit=edit_targets))
+        # concurrent edits with these settings may share UNet calls (see Engine._next)
+        batching = self.limits.max_batch_targets > 1
+        settings = {"control": control, "guidance": guidance, "options": options}
+        share = json.dumps(settings, sort_keys=True, default=repr) if batching else None
+        same = json.dumps({**settings, "id": inversion_id, "seed": seed}, sort_keys=True, default=repr)
+        job = Job(edit_alone, batch_key=same if batching else None, share_key=share, targets=tuple(names), edit=call)
+        return self.run(job)
 
     @staticmethod
     def controller(control: Any):
