@@ -19,8 +19,8 @@ def add_parser(sub) -> None:
         "serve",
         help="run the editing service (HTTP API)",
         description="Serve inversions and edits over HTTP: POST /v1/inversions, POST /v1/edits, "
-        "GET/DELETE /v1/inversions/{id}, GET /v1/models, /healthz, /readyz, /metrics; the API is "
-        "described at /docs and /openapi.json. Needs pip install 'pyinv[serve]'.",
+        "GET/DELETE /v1/inversions/{id}, GET /v1/models, /healthz, /readyz, /metrics, and a web page at /; the "
+        "API is described at /docs and /openapi.json. Needs pip install 'pyinv[serve]'.",
         epilog="examples:\n  pyinv serve                                  # demo model on 127.0.0.1:8000\n"
         "  PYINV_API_KEY=secret pyinv serve --model ./sd15 --device cuda --dtype fp16 --host 0.0.0.0",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -2,6 +2,9 @@
 
 Routes (``/v1`` needs ``Authorization: Bearer <key>`` when the service has an API key):
 
+- ``GET /``: the web page (``static/index.html``: invert an image, edit it, see the images
+  side by side; no external resources, the API key typed into it is sent as the bearer
+  token);
 - ``POST /v1/inversions`` (multipart: ``image`` file, ``source_prompt``, ``method``,
   ``steps``, ``guidance``, ``seed``, ``options`` as JSON, ``psnr``) → id, PSNR, timings;
 - ``POST /v1/edits`` (JSON :class:`EditRequest`) → one base64 PNG per target, timings;
@@ -25,7 +28,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -36,6 +39,25 @@ from .store import check_id
 log = logging.getLogger(__name__)
 
 PROBLEM = "application/problem+json"
+
+#: the web page's policy: its own inline script and style, images from data: and blob: URLs,
+#: requests to this service only; nothing from elsewhere, no framing
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
+    "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+PAGE_HEADERS = {
+    "Content-Security-Policy": PAGE_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+
+
+def page_html() -> str:
+    """The web page served at ``/`` (package data: ``pyinv/serve/static/index.html``)."""
+    from importlib.resources import files
+
+    return (files(__package__) / "static" / "index.html").read_text(encoding="utf-8")
 
 
 def _problem(status: int, title: str, detail: str, headers=None):
@@ -153,6 +175,12 @@ def create_app(engine: Engine, api_key: str | None = None, cors_origins: list[st
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
             raise Unauthorised("a valid bearer token is required (Authorization: Bearer <key>)")
+
+    page = page_html()
+
+    @app.get("/", summary="The web page", response_class=HTMLResponse, include_in_schema=False)
+    def index():
+        return HTMLResponse(page, headers=PAGE_HEADERS)
 
     @app.get("/healthz", summary="The process answers")
     def healthz():
