@@ -52,6 +52,7 @@ non_negative_int = _checked(int, lambda v: v >= 0, "a non-negative integer", "a 
 non_negative_float = _checked(
     float, lambda v: math.isfinite(v) and v >= 0, "a non-negative number", "a finite non-negative number"
 )
+positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number", "a finite positive number")
 unit_float = _checked(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]", "a number in [0, 1]")
 
 

@@ -18,6 +18,7 @@ from conftest import make_test_image
 
 from pyinv import PyinvError
 from pyinv.inversion import Inversion
+from pyinv.serve import store as store_module
 from pyinv.serve.store import (
     PARTIAL_PREFIXES,
     InvalidId,
@@ -535,3 +536,94 @@ def test_concurrent_puts_and_gets(stored, file_size, tmp_path):
     assert not any(name.startswith(PARTIAL_PREFIXES) for name in on_disk)
     for key in InversionStore(tmp_path).ids():
         assert_same(InversionStore(tmp_path).get(key), stored[key])
+
+
+# ---------------------------------------------------------------------- a root shared between processes
+# Two InversionStore objects on one root stand for two processes: each has its own lock,
+# memory and index, and they meet only in the folder.
+def test_a_shared_store_finds_and_forgets_what_another_wrote(stored, tmp_path):
+    (a, inv_a), (b, inv_b), _ = stored.items()
+    one, two = InversionStore(tmp_path, shared=True), InversionStore(tmp_path, shared=True)
+    one.put(a, inv_a)
+    assert a in two and two.ids() == []  # on disk, not indexed yet
+    assert_same(two.get(a), inv_a)  # read from the file the other wrote
+    assert two.ids() == [a]
+    # a delete by one is seen by the other, although the other holds it in memory
+    assert one.delete(a) is True
+    assert two.get(a) is None and a not in two
+    # and a delete by a store that never indexed the file removes it
+    two.put(b, inv_b)
+    assert one.delete(b) is True
+    assert not (tmp_path / f"{b}.safetensors").exists() and two.get(b) is None
+    # an unshared store keeps to its own index (the default: one process owns the root)
+    solo = InversionStore(tmp_path)
+    one.put(a, inv_a)
+    assert solo.get(a) is None
+
+
+def test_a_shared_store_starting_keeps_young_partial_files(stored, tmp_path):
+    young, old = tmp_path / f"{PARTIAL_PREFIXES[0]}young.tmp", tmp_path / f"{PARTIAL_PREFIXES[0]}old.tmp"
+    young.write_bytes(b"another process is writing this")
+    old.write_bytes(b"a write that never finished")
+    long_ago = os.path.getmtime(old) - 2 * store_module.SHARED_PARTIAL_AGE_S
+    os.utime(old, (long_ago, long_ago))
+    InversionStore(tmp_path, shared=True)
+    assert young.exists() and not old.exists()
+    InversionStore(tmp_path)  # an unshared store owns the root: it removes every partial file
+    assert not young.exists()
+
+
+def test_a_shared_store_caps_every_process_files(stored, file_size, tmp_path):
+    """The cap covers the folder, not only what one store wrote: the least recently used
+    file goes, whoever wrote it, and the other store stops serving it from memory."""
+    (a, inv_a), (b, inv_b), (c, inv_c) = stored.items()
+    cap = file_size[a] + file_size[b] + file_size[c] - 1
+    one, two = (
+        InversionStore(tmp_path, disk_bytes=cap, shared=True),
+        InversionStore(tmp_path, disk_bytes=cap, shared=True),
+    )
+    one.put(a, inv_a)
+    two.put(b, inv_b)
+    assert one.get(a) is not None  # a is now more recent than b
+    one.put(c, inv_c)  # three files pass the cap: b, the least recently used, goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{k}.safetensors" for k in (a, c))
+    assert two.get(b) is None  # two held b in memory, but its file is gone
+    assert one.stats()["disk_bytes"] == sum(p.stat().st_size for p in tmp_path.iterdir()) <= cap
+
+
+def test_shared_stores_in_threads(stored, file_size, tmp_path):
+    """Four stores on one root, two threads each, putting, getting and deleting: no
+    exception, every get returns nothing or exactly what was put, no partial file is left."""
+    keys = list(stored)
+    stores = [InversionStore(tmp_path, memory_items=1, shared=True) for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        rng = random.Random(n)
+        store = stores[n % len(stores)]
+        try:
+            for _ in range(30):
+                key = rng.choice(keys)
+                action = rng.random()
+                if action < 0.4:
+                    store.put(key, stored[key])
+                elif action < 0.95:
+                    got = store.get(key)
+                    if got is not None:
+                        assert_same(got, stored[key])
+                else:
+                    store.delete(key)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    names = [p.name for p in tmp_path.iterdir()]
+    assert not any(name.startswith(PARTIAL_PREFIXES) for name in names)
+    fresh = InversionStore(tmp_path, shared=True)
+    for key in fresh.ids():
+        assert_same(fresh.get(key), stored[key])

@@ -179,6 +179,13 @@ class Engine:
             self._worker = None
 
     @property
+    def worker_alive(self) -> bool:
+        """Whether the worker thread runs (``False`` before :meth:`start`, after :meth:`stop`,
+        and if it ever died)."""
+        worker = self._worker
+        return worker is not None and worker.is_alive()
+
+    @property
     def queue_depth(self) -> int:
         return sum(job is not None for job in self._jobs)
 

@@ -22,9 +22,24 @@ inversion is made again). The checksum guards against damage, not against someon
 write to the root: the root must be private to the service.
 
 When the files' total passes ``disk_bytes``, the least recently used ones are deleted (a
-``get`` or ``put`` sets a file's modification time, so the order survives a restart). One
-store owns its root: a second process on the same root would delete the first one's partial
-files when it starts and would not see its later writes.
+``get`` or ``put`` sets a file's modification time, so the order survives a restart). By
+default one store owns its root: it indexes the folder once, when it starts, and removes
+every partial file it finds then; a second process on the same root would delete the first
+one's partial files when it starts and would not see its later writes.
+
+A store made with ``shared=True`` shares its root with other processes (the replicas of a
+scaled-out service): the files are the source of truth and each process's memory LRU only a
+read cache of them. Sharing is safe because an entry only ever appears whole (written to a
+partial file of a unique name, flushed, renamed into place: a reader sees the old file or
+the new one, never half of one), its name is its content's address (two processes writing
+one id write inversions of the same inputs; the last rename wins, whole), and a reader
+that finds a file damaged deletes it only if it is still the file it read. The shared mode
+adds: a ``get`` that misses the index looks for the file on disk (another process's write);
+a memory hit whose indexed file is gone (deleted or evicted by another process) is dropped;
+``delete`` removes the file even when this process never indexed it; a store starting
+removes only partial files older than :data:`SHARED_PARTIAL_AGE_S` (a younger one may be
+another process's write in progress); and after each write the folder is indexed again, so
+the cap and the least-recently-used order cover every process's files.
 
 Ids are checked before any path is made from them (64 lowercase hexadecimal characters):
 a store never reads or writes outside its root.
@@ -62,6 +77,8 @@ DEFAULT_MEMORY_ITEMS = 64
 CHECKSUM_KEY = "pyinv.store.sha256"
 #: names the store writes while a file is not complete (its own and :func:`pyinv.imageio.atomic_path`'s)
 PARTIAL_PREFIXES = (".partial-", ".pyinv-")
+#: a shared store starting removes only the partial files older than this (seconds)
+SHARED_PARTIAL_AGE_S = 3600.0
 _SUFFIX = ".safetensors"
 _ID = re.compile(r"[0-9a-f]{64}")
 _FILE = re.compile(r"([0-9a-f]{64})\.safetensors")
@@ -221,6 +238,8 @@ class InversionStore:
         disk_bytes: the cap on the files' total size; after a ``put`` the least recently used
             files are deleted until the total fits. An inversion whose file alone passes the
             cap is kept in memory only.
+        shared: other processes use the same root (see the module): look for files this
+            store did not write, notice files they deleted, keep their young partial files.
 
     Thread-safe: one lock guards the memory LRU, the index of the files and the counters;
     encoding, writing and reading files happen outside it. ``get`` returns the stored object
@@ -233,9 +252,11 @@ class InversionStore:
         root: str | os.PathLike | None,
         memory_items: int = DEFAULT_MEMORY_ITEMS,
         disk_bytes: int = DEFAULT_DISK_BYTES,
+        shared: bool = False,
     ):
         self.memory_items = _check_count(memory_items, "memory_items")
         self.disk_bytes = _check_count(disk_bytes, "disk_bytes")
+        self.shared = bool(shared)
         self.root = None if root is None else self._make_root(root)
         self._lock = threading.Lock()
         self._memory: OrderedDict[str, Inversion] = OrderedDict()
@@ -245,8 +266,8 @@ class InversionStore:
         self._hits = 0
         self._misses = 0
         if self.root is not None:
-            self._scan()
             with self._lock:
+                self._scan(clean=True)
                 self._evict_files(keep=None)
 
     # ------------------------------------------------------------------ public
@@ -299,6 +320,8 @@ class InversionStore:
         with self._lock:
             in_memory = self._memory.pop(key, None) is not None
             on_disk = self._forget_file(key)
+            if not on_disk and self.shared and self.root is not None:  # another process's file
+                on_disk = self._remove_unindexed(key)
         return in_memory or on_disk
 
     def __contains__(self, inversion_id: object) -> bool:
@@ -307,13 +330,16 @@ class InversionStore:
         if not isinstance(inversion_id, str) or not _ID.fullmatch(inversion_id):
             return False
         with self._lock:
-            return inversion_id in self._memory or inversion_id in self._files
+            if inversion_id in self._memory or inversion_id in self._files:
+                return True
+        return self.shared and self.root is not None and os.path.isfile(self._file(inversion_id))
 
     def __len__(self) -> int:
         return len(self.ids())
 
     def ids(self) -> list[str]:
-        """Every id stored, in memory or on disk, sorted."""
+        """Every id stored, in memory or on disk, sorted (a shared store: on disk as of its
+        last write or start)."""
         with self._lock:
             return sorted(set(self._memory) | set(self._files))
 
@@ -347,9 +373,15 @@ class InversionStore:
     def _from_memory(self, key: str) -> Inversion | None:
         with self._lock:
             inversion = self._memory.get(key)
-            if inversion is not None:
-                self._memory.move_to_end(key)
-                self._touch_file(key)
+            if inversion is None:
+                return None
+            if self.shared and key in self._files and not os.path.lexists(self._file(key)):
+                # deleted or evicted by another process sharing the root: gone for all of them
+                self._memory.pop(key, None)
+                self._disk_total -= self._files.pop(key)
+                return None
+            self._memory.move_to_end(key)
+            self._touch_file(key)
             return inversion
 
     # ------------------------------------------------------------------ disk
@@ -366,25 +398,52 @@ class InversionStore:
             raise PyinvError(f"cannot make the inversion store root {path}: {exc.strerror or exc}") from None
         return path
 
-    def _scan(self) -> None:
-        """Index the files already under the root (oldest modification first) and remove the
-        partial files a killed writer left. Links and other names are left alone, unread."""
+    def _scan(self, clean: bool) -> None:
+        """Index the files under the root (oldest modification first), replacing the index;
+        with ``clean``, remove the partial files a killed writer left (a shared store: only
+        those older than :data:`SHARED_PARTIAL_AGE_S`). Links and other names are left
+        alone, unread. The caller holds the lock."""
         found = []
+        oldest_kept = time.time() - SHARED_PARTIAL_AGE_S
         with os.scandir(self.root) as entries:
             for entry in entries:
-                if not entry.is_file(follow_symlinks=False):
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    if entry.name.startswith(PARTIAL_PREFIXES):
+                        if clean and (not self.shared or entry.stat(follow_symlinks=False).st_mtime < oldest_kept):
+                            self._remove_partial(entry.path)
+                        continue
+                    match = _FILE.fullmatch(entry.name)
+                    if match:
+                        info = entry.stat(follow_symlinks=False)
+                        found.append((info.st_mtime_ns, match.group(1), info.st_size))
+                except FileNotFoundError:  # removed meanwhile (by another process sharing the root)
                     continue
-                if entry.name.startswith(PARTIAL_PREFIXES):
-                    self._remove_partial(entry.path)
-                    continue
-                match = _FILE.fullmatch(entry.name)
-                if match:
-                    info = entry.stat(follow_symlinks=False)
-                    found.append((info.st_mtime_ns, match.group(1), info.st_size))
+        if self.shared:  # indexed before, gone now: deleted or evicted by another process
+            for key in set(self._files).difference(key for _, key, _ in found):
+                self._memory.pop(key, None)
+        self._files.clear()
+        self._disk_total = 0
         for mtime, key, size in sorted(found):
             self._files[key] = size
             self._disk_total += size
             self._last_touch = max(self._last_touch, mtime)
+
+    def _remove_unindexed(self, key: str) -> bool:
+        """Remove ``key``'s file that this store has not indexed (a shared root); ``True`` if
+        there was one. The caller holds the lock."""
+        path = self._file(key)
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                return False
+            os.remove(path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            log.warning("cannot remove the inversion file %s: %s", path, exc.strerror or exc)
+            return False
+        return True
 
     @staticmethod
     def _remove_partial(path: str) -> None:
@@ -458,6 +517,8 @@ class InversionStore:
                     os.remove(tmp)
                 log.warning("inversion %s is kept in memory only: cannot write its file (%s)", key, exc.strerror or exc)
                 return
+            if self.shared:  # index every process's files, so the cap and the order cover them all
+                self._scan(clean=False)
             self._disk_total += len(data) - self._files.pop(key, 0)
             self._files[key] = len(data)
             self._touch_file(key)
@@ -468,10 +529,19 @@ class InversionStore:
         """Read ``key``'s file into memory; ``None`` when there is none or it is damaged."""
         if self.root is None:
             return None
+        path = self._file(key)
         with self._lock:
             if key not in self._files:
-                return None
-        path = self._file(key)
+                if not self.shared:
+                    return None
+                try:  # written by another process sharing the root?
+                    info = os.lstat(path)
+                except FileNotFoundError:
+                    return None
+                if not stat.S_ISREG(info.st_mode):
+                    return None
+                self._files[key] = info.st_size
+                self._disk_total += info.st_size
         try:
             info = os.lstat(path)
             if not stat.S_ISREG(info.st_mode):
