@@ -283,6 +283,30 @@ def test_concurrent_edits_of_different_inversions_share_the_unet_calls(client, u
     assert together[0][1]["unet_image_forwards"] > together[1][1]["unet_image_forwards"]
 
 
+def test_concurrent_inversions_share_the_unet_calls(editor, tmp_path, image):
+    """Three uploads inverted at once (Direct Inversion) are one batched DDIM inversion
+    (``batch_inversions`` 3) with the pivots each gets alone."""
+    uploads = [png_bytes(image.rotate(angle)) for angle in (0, 90, 180)]
+    with service(editor, tmp_path) as c:
+        engine = c.app.state.engine
+        release = threading.Event()
+        hold = engine._submit(Job(release.wait)).future
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(invert, c, data) for data in uploads]
+            while engine.queue_depth < 3:
+                threading.Event().wait(0.01)
+            release.set()
+            bodies = [f.result().json() for f in futures]
+        hold.result(10)
+        for body, data in zip(bodies, uploads, strict=True):
+            assert body["batch_inversions"] == 3 and body["cached"] is False
+            stored = engine.store.get(body["id"])
+            alone = editor.invert(Image.open(io.BytesIO(data)), SRC, method="direct", steps=3)
+            assert float((stored["trajectory"] - alone["trajectory"]).abs().max()) <= 1e-4
+        again = invert(c, uploads[1]).json()  # the same upload again: from the store
+        assert again["id"] == bodies[1]["id"] and again["cached"] is True
+
+
 def test_a_restarted_service_finds_its_inversions_on_disk(editor, tmp_path, upload):
     with service(editor, tmp_path) as c:
         inv_id = invert(c, upload).json()["id"]

@@ -186,3 +186,44 @@ def test_share_keys_tell_what_may_share(editor64, inversions):
 
     fields = {f.name: getattr(ca.rule, f.name) for f in dataclasses.fields(ca.rule)}
     assert share_key(StepControl(Opaque(**fields), ca.inputs, ca.active)) is None
+
+
+# ---------------------------------------------------------------------- inversions together
+@pytest.mark.parametrize("method", ["ddim", "direct", "negative-prompt"])
+def test_pivot_inversions_share_each_call(editor64, method):
+    images = [make_test_image(seed=k) for k in range(3)]
+    prompts = [SRC_A, SRC_B, "a photo"]
+    before = editor64.model.unet_calls
+    together = editor64.invert_many(images, prompts, method=method, steps=STEPS)
+    assert editor64.model.unet_calls - before == STEPS  # one call per step for all three
+    for got, image, prompt in zip(together, images, prompts, strict=True):
+        alone = editor64.invert(image, prompt, method=method, steps=STEPS)
+        assert got.source_prompt == prompt and got.method == alone.method
+        assert got.stats["unet_calls"] == alone.stats["unet_calls"] == STEPS
+        assert sorted(got.tensors) == sorted(alone.tensors)
+        for name in alone.tensors:
+            assert max_diff(got[name], alone[name]) <= 1e-12
+
+
+@pytest.mark.parametrize("method", ["null-text", "edit-friendly"])
+def test_other_inversions_run_one_by_one_with_their_own_seeded_draws(editor64, method):
+    images = [make_test_image(seed=k) for k in range(2)]
+    options = {"inner_steps": 2} if method == "null-text" else {}
+    together = editor64.invert_many(images, [SRC_A, SRC_B], method=method, steps=STEPS, seed=7, **options)
+    for got, image, prompt in zip(together, images, [SRC_A, SRC_B], strict=True):
+        alone = editor64.invert(image, prompt, method=method, steps=STEPS, seed=7, **options)
+        for name in alone.tensors:
+            assert torch.equal(got[name], alone[name])
+
+
+def test_invert_many_refuses_bad_arguments_before_any_work(editor64):
+    image = make_test_image()
+    before = editor64.model.unet_calls
+    with pytest.raises(pyinv.PyinvError, match="one prompt per image"):
+        editor64.invert_many([image, image], [SRC_A])
+    with pytest.raises(pyinv.PyinvError, match="list of prompts"):
+        editor64.invert_many([image], SRC_A)
+    with pytest.raises(pyinv.PyinvError, match="steps"):
+        editor64.invert_many([image], [SRC_A], steps=0)
+    assert editor64.model.unet_calls == before
+    assert editor64.invert_many([], []) == []

@@ -155,12 +155,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.ray:
         return serve_on_ray(args, api_key)
     device, dtype = runtime(args)
-    editor = common.load_editor(
-        args.model or common.DEFAULT_MODEL, device, dtype, progress=False, backend=getattr(args, "backend", None)
-    )
+    backend = getattr(args, "backend", None)
     limits = limits_of(args)
     store = InversionStore(args.cache_dir or default_store_root(), disk_bytes=int(args.disk_gb * (1 << 30)))
-    app = create_app(Engine(editor, store, limits), api_key=api_key, cors_origins=args.cors_origin)
+
+    def load():  # not common.load_editor: its Ctrl-C handler can only be set on the main thread
+        from ..api import Editor
+
+        return Editor.from_pretrained(
+            args.model or common.DEFAULT_MODEL, device=device, dtype=dtype, progress=False, backend=backend
+        )
+
+    # the model is loaded (on the engine's worker thread, which runs it) and warmed before the
+    # server listens, so a bad --model is a one-line error here, not a failed app start-up
+    engine = Engine(load, store, limits)
+    with common.interrupt_exits():
+        engine.start()
+    app = create_app(engine, api_key=api_key, cors_origins=args.cors_origin, start=False)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
     return 0
 

@@ -114,6 +114,61 @@ class Method:
         started, calls = time.perf_counter(), counters(model)
         schedule = make_schedule(model.scheduler_config, steps, schedule_mode)
         tensors, stats = self._invert(model, z0, source_prompt, schedule, guidance, opts, progress)
+        work = {"unet_calls": model.unet_calls - calls[0], "unet_image_forwards": model.unet_image_forwards - calls[1]}
+        return self._record(
+            model, z0, source_prompt, (schedule, schedule_mode), guidance, opts, tensors, work, stats, started
+        )
+
+    #: the inversion is the DDIM pivot alone (no per-image optimisation or draws), so the
+    #: inversions of several images can share their UNet calls (:meth:`invert_many`)
+    pivot_only: ClassVar[bool] = False
+
+    def invert_many(
+        self,
+        model,
+        z0s: Sequence[torch.Tensor],
+        source_prompts: Sequence[str],
+        steps: int,
+        guidance: float,
+        schedule_mode: str,
+        progress: bool,
+        **options: Any,
+    ) -> list[Inversion]:
+        """:meth:`invert` of several latents ``(1, C, h, w)``, each with its prompt: for a
+        :attr:`pivot_only` method one DDIM inversion of them all, ``ε`` of the batch of
+        their latents at each step (N UNet calls in all, each inversion recording its own
+        rows); otherwise one after the other."""
+        if not self.pivot_only or len(z0s) == 1:
+            return [
+                self.invert(model, z0, prompt, steps, guidance, schedule_mode, progress, **options)
+                for z0, prompt in zip(z0s, source_prompts, strict=True)
+            ]
+        opts = [self.prepare(model, prompt, self.invert_options_of(options)) for prompt in source_prompts]
+        started = time.perf_counter()
+        schedule = make_schedule(model.scheduler_config, steps, schedule_mode)
+        batch = torch.cat([z.to(model.device, model.latent_dtype) for z in z0s])
+        traj = ddim_invert_batch(model, batch, embed(model, list(source_prompts)), schedule, progress)
+        work = {"unet_calls": schedule.num_steps, "unet_image_forwards": schedule.num_steps}
+        return [
+            self._record(
+                model,
+                z0,
+                prompt,
+                (schedule, schedule_mode),
+                guidance,
+                o,
+                {"trajectory": traj[:, k]},
+                work,
+                {},
+                started,
+            )
+            for k, (z0, prompt, o) in enumerate(zip(z0s, source_prompts, opts, strict=True))
+        ]
+
+    def _record(self, model, z0, source_prompt, schedules, guidance, opts, tensors, work, stats, started):
+        """The :class:`Inversion` of ``z0``: its tensors, the options, the UNet ``work``, the
+        method's ``stats`` and the time since ``started``; ``schedules``: (schedule, its mode)."""
+        schedule, schedule_mode = schedules
         meta = schedule.to_metadata()
         meta["mode"] = schedule_mode
         return Inversion(
@@ -126,12 +181,7 @@ class Method:
             image_size=model.image_size,
             tensors={k: v.detach().to("cpu", model.latent_dtype) for k, v in {"z0": z0, **tensors}.items()},
             options=opts.to_record(),
-            stats={
-                "unet_calls": model.unet_calls - calls[0],
-                "unet_image_forwards": model.unet_image_forwards - calls[1],
-                "seconds": round(time.perf_counter() - started, 4),
-                **stats,
-            },
+            stats={**work, "seconds": round(time.perf_counter() - started, 4), **stats},
         )
 
     def prepare(self, model, source_prompt: str, options: MethodOptions) -> MethodOptions:
@@ -272,8 +322,17 @@ def ddim_invert(
     """DDIM inversion (the pivot): ``z*_0 = z0``; for t = 1, 21, …, 981 (ascending)
     ``ε = ε(z*_{prev(t)}, t, c)`` (conditional only, one UNet call) and the DDIM move from
     level prev(t) to t. Returns the trajectory ``(N+1, C, h, w)``: index 0 is ``z0``,
-    index k the latent at ``timesteps[N−k]``.
+    index k the latent at ``timesteps[N−k]`` (for ``B`` latents, ``((N+1)·B, C, h, w)``).
     """
+    return ddim_invert_batch(model, z0, cond, schedule, progress).flatten(0, 1)
+
+
+@torch.no_grad()
+def ddim_invert_batch(
+    model, z0: torch.Tensor, cond: torch.Tensor, schedule: Schedule, progress: bool = False
+) -> torch.Tensor:
+    """:func:`ddim_invert` of a batch ``z0 (B, C, h, w)`` with ``cond (B, L, D)``, one UNet
+    call per step for all: trajectories ``(N+1, B, C, h, w)``."""
     z = z0.to(model.device, model.latent_dtype)
     traj = [z]
     pred = schedule.prediction_type
@@ -283,7 +342,7 @@ def ddim_invert(
         # The UNet is evaluated at timestep t on the latent at level prev(t) (reference's next_step).
         z = ddim_step(out, z, a_from, a_to, pred)
         traj.append(z)
-    return torch.cat(traj, dim=0)
+    return torch.stack(traj)
 
 
 def embed(model, prompts: Sequence[str]) -> torch.Tensor:

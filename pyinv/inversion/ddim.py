@@ -17,6 +17,7 @@ from .base import Method, ddim_invert, embed
 class DDIMInversion(Method):
     name = "ddim"
     summary = "DDIM inversion, then CFG sampling from z*_T"
+    pivot_only = True
     tensors = ("trajectory",)
 
     def _invert(self, model, z0, source_prompt, schedule, guidance, options, progress):

@@ -48,6 +48,7 @@ class DirectInversion(Method):
     name = "direct"
     summary = "DDIM inversion; the source branch is pinned to the pivot, the target edits freely"
     invert_options_type = DirectOptions
+    pivot_only = True
     tensors = ("trajectory",)
 
     def _invert(self, model, z0, source_prompt, schedule, guidance, options, progress):

@@ -129,19 +129,21 @@ def _build(settings: ReplicaSettings) -> Engine:
     from ..api import Editor
     from ..models import parse_device, parse_dtype
 
-    if settings.threads is not None:
-        torch.set_num_threads(settings.threads)
-    editor = Editor.from_pretrained(
-        settings.model,
-        device=parse_device(settings.device),
-        dtype=parse_dtype(settings.dtype),
-        progress=False,
-        backend=settings.backend,
-    )
+    def load():  # on the engine's worker thread, which then runs the model (Engine.start)
+        if settings.threads is not None:
+            torch.set_num_threads(settings.threads)
+        return Editor.from_pretrained(
+            settings.model,
+            device=parse_device(settings.device),
+            dtype=parse_dtype(settings.dtype),
+            progress=False,
+            backend=settings.backend,
+        )
+
     store = InversionStore(
         settings.store_root, memory_items=settings.memory_items, disk_bytes=settings.disk_bytes, shared=True
     )
-    engine = Engine(editor, store, settings.limits)
+    engine = Engine(load, store, settings.limits)
     global _app
     _app = create_app(engine, api_key=settings.api_key, cors_origins=list(settings.cors_origins) or None)
     return engine
