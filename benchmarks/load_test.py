@@ -15,7 +15,7 @@ A session uploads its own image (the example image with a small per-session colo
 and offset, so its content-addressed id is new), inverts it (Direct Inversion, ``--steps``,
 no PSNR pass), then makes 3 P2P edits of it one after the other, one target each. The
 server is stopped with SIGTERM at the end and must exit. ``--sessions`` defaults to
-max(4, 2 × clients): every client runs at least two sessions, and a multiple of the client
+max(8, 2 × clients): every client runs at least two sessions (and one client eight), and a multiple of the client
 count keeps all of them busy to the end of the run (no tail with fewer clients).
 
 A request answered 503 is counted (with its ``Retry-After``) and retried after that wait,
@@ -451,12 +451,14 @@ class Server:
 
 def run_once(args: argparse.Namespace, clients: int, queue_size: int, mode: str) -> dict[str, Any]:
     """One run on a fresh server: the row, with the server's exit code."""
-    sessions = args.sessions or max(4, 2 * clients)
+    sessions = args.sessions or max(8, 2 * clients)
     plan = Plan(clients, sessions, steps=args.steps, time_cap_s=args.time_cap, max_retries=args.max_retries)
     extra = []
     for name in ("device", "dtype", "backend"):
         if getattr(args, name):
             extra += [f"--{name}", getattr(args, name)]
+    if args.max_batch_targets is not None:
+        extra += ["--max-batch-targets", str(args.max_batch_targets)]
     server = Server(args.model, queue_size, extra, args.ready_timeout, args.server_threads).start()
     try:
         result = asyncio.run(measure(server.url, plan, server.pid))
@@ -556,7 +558,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, argv: Sequence[
 
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "markdown")}
     settings.update(edits_per_session=Plan(1, 1).edits, method="direct", control="p2p", psnr=False, source=SOURCE,
-                    targets=list(TARGETS), sessions_default="max(4, 2 x clients)", argv=list(argv))  # fmt: skip
+                    targets=list(TARGETS), sessions_default="max(8, 2 x clients)", argv=list(argv))  # fmt: skip
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return {"benchmark": "serve-load", "settings": settings, "provenance": provenance(device), "rows": rows}
 
@@ -577,9 +579,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", default=None, help="the server's --backend")
     p.add_argument("--server-threads", type=int, default=None, help="the server's torch threads (default: torch's)")
     p.add_argument("--clients", type=client_counts, default=[1, 4, 16], help="client counts, one run each (1,4,16)")
-    p.add_argument("--sessions", type=int, default=None, help="sessions per run (default max(4, 2 x clients))")
+    p.add_argument("--sessions", type=int, default=None, help="sessions per run (default max(8, 2 x clients))")
     p.add_argument("--steps", type=int, default=10, help="inversion and edit steps (default 10)")
     p.add_argument("--queue-size", type=int, default=16, help="the server's --queue-size (default 16)")
+    p.add_argument(
+        "--max-batch-targets", type=int, default=None, help="the server's --max-batch-targets (1: no batching)"
+    )
     p.add_argument("--time-cap", type=float, default=600.0, help="seconds after which no session starts (600)")
     p.add_argument("--max-retries", type=int, default=30, help="retries of a request answered 503 (30)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /readyz (600)")

@@ -44,6 +44,13 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow browser calls from ORIGIN")
     p.add_argument("--queue-size", type=positive_int, default=16, help="jobs that may wait (more: 503)")
+    p.add_argument(
+        "--max-batch-targets",
+        type=positive_int,
+        default=8,
+        help="most target prompts (or images, for inversions) concurrent requests may share "
+        "UNet calls with (default 8; 1: no batching)",
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may wait for its job")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (default 20 MB)")
     p.add_argument("--max-targets", type=positive_int, default=8, help="most target prompts per edit")
@@ -186,6 +193,7 @@ def limits_of(args: argparse.Namespace):
         max_steps=args.max_steps,
         request_timeout_s=args.timeout,
         queue_size=args.queue_size,
+        max_batch_targets=args.max_batch_targets,
     )
 
 
