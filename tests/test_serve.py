@@ -336,6 +336,13 @@ def test_serve_command_line_usage_errors(capsys):
     assert "/v1/inversions" in capsys.readouterr().out
     assert cli.main(["serve", "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+    assert cli.main(["serve", "--max-batch-targets", "0"]) == 2  # 1 turns batching off; 0 is no count
+
+    from pyinv.cli.serve import limits_of
+
+    args = cli.build_parser().parse_args(["serve", "--max-batch-targets", "1", "--queue-size", "3"])
+    assert (limits_of(args).max_batch_targets, limits_of(args).queue_size) == (1, 3)
+    assert limits_of(cli.build_parser().parse_args(["serve"])).max_batch_targets == 8
 
 
 def test_sigterm_drains_the_request_in_flight(tmp_path, upload):
@@ -392,3 +399,29 @@ def test_sigterm_drains_the_request_in_flight(tmp_path, upload):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_an_engine_loads_its_model_on_the_worker_thread(editor, tmp_path):
+    """Given a loader, the engine calls it on its worker thread (which then runs the model);
+    a loader's error comes out of ``start``."""
+    threads = []
+
+    def load():
+        threads.append(threading.current_thread().name)
+        return editor
+
+    engine = Engine(load, InversionStore(tmp_path / "a"))
+    assert engine.editor is None
+    engine.start(warm=False)
+    try:
+        assert engine.editor is editor and threads == ["pyinv-engine"]
+    finally:
+        engine.stop()
+
+    def broken():
+        raise pyinv.PyinvError("model folder not found: nowhere")
+
+    engine = Engine(broken, InversionStore(tmp_path / "b"))
+    with pytest.raises(pyinv.PyinvError, match="model folder not found"):
+        engine.start()
+    engine.stop()
