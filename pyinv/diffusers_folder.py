@@ -1,9 +1,14 @@
 """Diffusers Stable Diffusion folders and hub ids: reading their components, writing a model.
 
 A folder holds ``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/scheduler_config.json``
-and, for latent models, ``vae/`` (a pixel-space model has none). :func:`load_diffusers`
-returns the components as the dict a preset builder returns (``unet``, ``vae``,
-``text_encoder``, ``tokenizer``, ``scheduler_config``, ``image_size``); both
+and, for latent models, ``vae/`` (a pixel-space model has none). A Stable Diffusion XL folder
+(``model_index.json``'s ``_class_name`` ``StableDiffusionXLPipeline``, or a ``text_encoder_2/``)
+also holds ``text_encoder_2/`` (a ``CLIPTextModelWithProjection``) and ``tokenizer_2/``, and
+its ``model_index.json`` says whether the pipeline encodes the empty prompt as zeros
+(``force_zeros_for_empty_prompt``, true unless it says otherwise, as diffusers' pipeline).
+:func:`load_diffusers` returns the components as the dict a preset builder returns (``unet``,
+``vae``, ``text_encoder``, ``tokenizer``, ``scheduler_config``, ``image_size``, and for SDXL
+``text_encoder_2``, ``tokenizer_2``, ``force_zeros_for_empty_prompt``); both
 :mod:`pyinv.presets` (the shipped demo model) and :mod:`pyinv.models` use it, and it uses
 neither.
 """
@@ -29,7 +34,7 @@ def load_diffusers(name: str, presets: Sequence[str] = ()) -> dict[str, Any]:
     ``presets``: the preset names, only to list them when ``name`` is none of these things.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     known = f" (presets: {', '.join(presets)})" if presets else ""
     path = os.path.expanduser(name)
@@ -39,7 +44,17 @@ def load_diffusers(name: str, presets: Sequence[str] = ()) -> dict[str, Any]:
     if local and not os.path.isdir(os.path.join(path, "unet")):
         raise PyinvError(f"{name} is not a diffusers Stable Diffusion folder (no unet/ inside)")
     source = path if local else name
+    extra: dict[str, Any] = {}
     try:
+        index = read_model_index(source, local)
+        if is_sdxl(index, path if local else None):
+            if "text_encoder" in index and _component(index, "text_encoder") is None:
+                raise PyinvError(f"{name} has no first text encoder (an SDXL refiner?); pyinv runs SDXL base models")
+            extra = {
+                "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2"),
+                "tokenizer_2": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2"),
+                "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
+            }
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder")
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
@@ -71,7 +86,40 @@ def load_diffusers(name: str, presets: Sequence[str] = ()) -> dict[str, Any]:
         "tokenizer": tokenizer,
         "scheduler_config": scheduler_config,
         "image_size": None,
+        **extra,
     }
+
+
+def read_model_index(source: str, local: bool) -> dict[str, Any]:
+    """``model_index.json`` of a folder or hub id (``{}`` when a folder has none: pyinv's own
+    SD folders do not write one)."""
+    if local:
+        path = os.path.join(source, "model_index.json")
+        if not os.path.isfile(path):
+            return {}
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    from huggingface_hub import hf_hub_download
+
+    with open(hf_hub_download(source, "model_index.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _component(index: dict[str, Any], key: str) -> Any:
+    """The library and class a model index names for ``key`` (``None`` when none)."""
+    entry = index.get(key)
+    if isinstance(entry, (list, tuple)) and entry and entry[0] is not None:
+        return entry
+    return None
+
+
+def is_sdxl(index: dict[str, Any], folder: str | None = None) -> bool:
+    """Whether a model index (and the local ``folder``, if any) describe an SDXL pipeline."""
+    if "StableDiffusionXL" in str(index.get("_class_name", "")):
+        return True
+    if _component(index, "text_encoder_2") is not None:
+        return True
+    return folder is not None and os.path.isdir(os.path.join(folder, "text_encoder_2"))
 
 
 def read_scheduler_config(source: str, local: bool) -> dict[str, Any]:
@@ -90,8 +138,25 @@ def read_scheduler_config(source: str, local: bool) -> dict[str, Any]:
 
 def save_model(model, folder: str) -> None:
     """Write a :class:`~pyinv.models.DiffusionModel` as a diffusers folder (unet/, vae/,
-    text_encoder/, tokenizer/, scheduler/) that :func:`load_diffusers` reads back."""
+    text_encoder/, tokenizer/, scheduler/; for SDXL also text_encoder_2/, tokenizer_2/ and a
+    model_index.json) that :func:`load_diffusers` reads back."""
     os.makedirs(folder, exist_ok=True)
+    if getattr(model, "text_encoder_2", None) is not None:
+        model.text_encoder_2.save_pretrained(os.path.join(folder, "text_encoder_2"))
+        (model.tokenizer_2 or model.tokenizer).save_pretrained(os.path.join(folder, "tokenizer_2"))
+        index = {
+            "_class_name": "StableDiffusionXLPipeline",
+            "force_zeros_for_empty_prompt": bool(model.force_zeros_for_empty_prompt),
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "scheduler": ["diffusers", model.scheduler_config.get("_class_name", "EulerDiscreteScheduler")],
+        }
+        with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
     model.unet.save_pretrained(os.path.join(folder, "unet"))
     if model.vae is not None:
         model.vae.save_pretrained(os.path.join(folder, "vae"))

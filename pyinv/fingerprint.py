@@ -5,10 +5,12 @@ A fingerprint is a JSON-able dict::
     {"name": str, "config_sha256": str, "weight_sample": [16 floats]}
 
 ``config_sha256`` hashes the UNet, VAE and text-encoder configs that define the
-architecture (plus the prediction type); ``weight_sample`` holds the first 16 values of the
-UNet's first convolution. Two fingerprints match when the hashes are equal and the samples
-agree within ``rtol = 1e-2, atol = 1e-3`` (so fp32, fp16 and bf16 loads of one checkpoint
-match and other checkpoints of the same architecture do not).
+architecture (plus the prediction type; for SDXL also the second text encoder's config and
+whether the empty prompt is encoded as zeros — SD 1.x/2.x hashes are as before);
+``weight_sample`` holds the first 16 values of the UNet's first convolution. Two
+fingerprints match when the hashes are equal and the samples agree within ``rtol = 1e-2,
+atol = 1e-3`` (so fp32, fp16 and bf16 loads of one checkpoint match and other checkpoints
+of the same architecture do not).
 
 This module sits below both :mod:`pyinv.models` (which computes a model's fingerprint) and
 the inversion record (which compares the one in a file with the loaded model's).
@@ -51,7 +53,7 @@ def _jsonable(obj: Any) -> Any:
 
 def fingerprint_of(model) -> dict[str, Any]:
     """The fingerprint of a :class:`~pyinv.models.DiffusionModel` (its ``name``, ``unet``,
-    ``vae``, ``text_encoder`` and ``prediction_type``). Reads a weight sample back from the
+    ``vae``, ``text_encoder``, ``text_encoder_2`` and ``prediction_type``). Reads a weight sample back from the
     model's device: call it once per model (``DiffusionModel.fingerprint`` caches it)."""
     configs = {
         "unet": dict(model.unet.config),
@@ -59,6 +61,10 @@ def fingerprint_of(model) -> dict[str, Any]:
         "text_encoder": {k: getattr(model.text_encoder.config, k, None) for k in TEXT_ENCODER_KEYS},
         "prediction_type": model.prediction_type,
     }
+    second = getattr(model, "text_encoder_2", None)
+    if second is not None:  # only SDXL models add keys: SD fingerprints keep their hashes
+        configs["text_encoder_2"] = {k: getattr(second.config, k, None) for k in TEXT_ENCODER_KEYS}
+        configs["force_zeros_for_empty_prompt"] = bool(getattr(model, "force_zeros_for_empty_prompt", False))
     blob = json.dumps(_jsonable(configs), sort_keys=True, default=str).encode()
     weight = model.unet.conv_in.weight.detach().flatten()[:WEIGHT_SAMPLE].float().cpu().tolist()
     return {

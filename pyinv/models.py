@@ -26,6 +26,7 @@ from .diffusers_folder import load_diffusers, save_model
 from .errors import PyinvError
 from .fingerprint import fingerprint_of, fingerprints_match
 from .presets import PRESETS
+from .sdxl import AddedConditions, added_conditions, encode_sdxl, unet_kwargs
 from .text import tokenize
 
 __all__ = [
@@ -124,6 +125,13 @@ class DiffusionModel:
 
     Shapes: prompt embeddings ``(B, L, D)`` (L = 77 for CLIP), latents ``(B, C, h, w)``,
     images ``(B, 3, H, W)`` in ``[-1, 1]``.
+
+    An SDXL model has a second text encoder and tokenizer (``text_encoder_2``,
+    ``tokenizer_2``; ``None`` for SD 1.x/2.x) and its embeddings are ``(B, L + 1, D1 + D2)``:
+    the pooled text embedding packed as one extra row (:mod:`pyinv.sdxl`), split back at
+    every UNet call (:attr:`added_conditions`). ``force_zeros_for_empty_prompt`` (SDXL base's
+    pipeline setting): the empty prompt is encoded as zeros, as the pipeline's unconditional
+    pass is, so every method's null text matches it.
     """
 
     name: str
@@ -138,11 +146,20 @@ class DiffusionModel:
     unet_calls: int = 0
     unet_image_forwards: int = 0
     backend: Backend = field(default_factory=EagerBackend)
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = False
     _fp32_copies: dict[str, torch.nn.Module] = field(default_factory=dict, repr=False)
     _fingerprint: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    _added: AddedConditions | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.backend.check(self.device, self.dtype)
+        width = int(self.text_encoder.config.hidden_size)
+        if self.text_encoder_2 is not None:
+            width += int(self.text_encoder_2.config.hidden_size)
+        self._added = added_conditions(self.unet, self.text_encoder_2, self.max_tokens, width, self.image_size)
+        self.backend.check_model(self)
         # the stateless control processors and hooks, once per UNet (pyinv.control.attention)
         install_control(self.unet)
 
@@ -157,6 +174,25 @@ class DiffusionModel:
         controlled edit then applies its control at every step, so that one graph serves all of
         them (``Controller.graph_static``)."""
         return self.backend.traced or hasattr(self.unet, "_orig_mod")
+
+    @property
+    def added_conditions(self) -> AddedConditions | None:
+        """SDXL's added conditions and how the embeddings pack them (``None`` for SD 1.x/2.x)."""
+        return self._added
+
+    @property
+    def family(self) -> str:
+        """``"SDXL"`` for a model with SDXL's added conditions, else ``"SD"``."""
+        return "SD" if self._added is None else "SDXL"
+
+    @property
+    def embedding_shape(self) -> tuple[int, int]:
+        """``(length, width)`` of one prompt's embeddings: ``(L, D)``, or ``(L + 1, D1 + D2)``
+        for SDXL (the pooled row, :mod:`pyinv.sdxl`)."""
+        width = int(self.text_encoder.config.hidden_size)
+        if self.text_encoder_2 is not None:
+            width += int(self.text_encoder_2.config.hidden_size)
+        return self.max_tokens + (0 if self._added is None else 1), width
 
     @property
     def latent_dtype(self) -> torch.dtype:
@@ -185,17 +221,31 @@ class DiffusionModel:
     # ------------------------------------------------------------------ text
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """CLIP last hidden states of ``prompts`` padded to the tokenizer's max length, fp32."""
-        ids = tokenize(
-            self.tokenizer,
-            list(prompts),
+        """CLIP last hidden states of ``prompts`` padded to the tokenizer's max length, fp32.
+
+        SDXL: the packed ``(B, L + 1, D1 + D2)`` embeddings of :func:`pyinv.sdxl.encode_sdxl`;
+        with ``force_zeros_for_empty_prompt`` the empty prompt ``""`` gives zeros (hidden
+        states and pooled row), as diffusers' SDXL pipeline's unconditional pass does."""
+        prompts = list(prompts)
+        ids = self._token_ids(self.tokenizer, prompts)
+        if self._added is None:
+            return self.text_encoder(ids)[0].to(self.latent_dtype)
+        ids_2 = self._token_ids(self.tokenizer_2 or self.tokenizer, prompts)
+        packed = encode_sdxl(ids, ids_2, self.text_encoder, self.text_encoder_2, self.latent_dtype)
+        if self.force_zeros_for_empty_prompt:
+            empty = torch.tensor([p == "" for p in prompts], device=packed.device)
+            packed = torch.where(empty[:, None, None], torch.zeros_like(packed), packed)
+        return packed
+
+    def _token_ids(self, tokenizer, prompts: list[str]) -> torch.Tensor:
+        return tokenize(
+            tokenizer,
+            prompts,
             padding="max_length",
             max_length=self.max_tokens,
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
-        hidden = self.text_encoder(ids)[0]
-        return hidden.to(self.latent_dtype)
 
     @property
     def max_tokens(self) -> int:
@@ -288,7 +338,7 @@ class DiffusionModel:
         unet = self.fp32_unet()
         dt = self.latent_dtype
         t = _timestep(t, latents.device)
-        return unet(latents.to(dt), t, encoder_hidden_states=embeddings.to(dt), return_dict=False)[0].to(dt)
+        return unet(latents.to(dt), t, **unet_kwargs(embeddings.to(dt), self._added), return_dict=False)[0].to(dt)
 
     def reset_counters(self) -> None:
         self.unet_calls = 0
@@ -324,9 +374,10 @@ def load_model(
     image_size: int | None = None,
     backend: str | Backend | None = None,
 ) -> DiffusionModel:
-    """Load a preset (``demo``, ``tiny``, ``tiny-v``, ``tiny-pixel``, ``sd15-arch``), a local diffusers
-    Stable Diffusion folder, or a hub id (downloaded by diffusers, cached as usual), to run its
-    UNet on ``backend`` (:mod:`pyinv.backends`; default ``eager``)."""
+    """Load a preset (``demo``, ``tiny``, ``tiny-v``, ``tiny-pixel``, ``tiny-xl``, ``sd15-arch``),
+    a local diffusers Stable Diffusion (1.x, 2.x or XL) folder, or a hub id (downloaded by
+    diffusers, cached as usual), to run its UNet on ``backend`` (:mod:`pyinv.backends`;
+    default ``eager``)."""
     runs_on = get_backend(backend)
     dev = parse_device(device)
     dt = parse_dtype(dtype)
@@ -337,17 +388,20 @@ def load_model(
     with quiet_libraries():
         parts = PRESETS[name]() if name in PRESETS else load_diffusers(name, tuple(PRESETS))
         unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
-        for module in (unet, vae, text_encoder):
+        text_encoder_2 = parts.get("text_encoder_2")
+        encoders = (text_encoder, text_encoder_2)
+        for module in (unet, vae, text_encoder, text_encoder_2):
             if module is not None:
-                # fp64 (numerics checks) keeps the text encoder in fp32: some transformers
+                # fp64 (numerics checks) keeps the text encoders in fp32: some transformers
                 # releases cannot build CLIP's attention mask in fp64; embeddings are upcast.
-                module_dtype = torch.float32 if (module is text_encoder and dt == torch.float64) else dt
+                module_dtype = torch.float32 if (any(module is e for e in encoders) and dt == torch.float64) else dt
                 module.to(device=dev, dtype=module_dtype).eval().requires_grad_(False)
-    tokenizer = parts["tokenizer"]
+    tokenizer, tokenizer_2 = parts["tokenizer"], parts.get("tokenizer_2")
     # pyinv checks prompt lengths itself (check_prompt_length); the tokenizer's own
     # "sequence length is longer than …" log line would only repeat it, unasked
-    with contextlib.suppress(AttributeError, TypeError):
-        tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    for tok in (tokenizer, tokenizer_2):
+        with contextlib.suppress(AttributeError, TypeError):
+            tok.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     size = image_size or parts.get("image_size") or _default_image_size(unet, vae)
     return DiffusionModel(
         name=name,
@@ -360,6 +414,9 @@ def load_model(
         dtype=dt,
         image_size=int(size),
         backend=runs_on,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        force_zeros_for_empty_prompt=bool(parts.get("force_zeros_for_empty_prompt", False)),
     )
 
 

@@ -8,6 +8,11 @@
   Random weights (seeded, so every build is identical); for tests and smoke runs.
 - ``tiny-v``: the same with ``prediction_type="v_prediction"``.
 - ``tiny-pixel``: the same UNet on 3-channel pixels, no VAE.
+- ``tiny-xl``: a small Stable Diffusion XL-shaped model (seeded random weights, 32×32
+  images): a UNet with SDXL's added conditions (``addition_embed_type="text_time"``) and its
+  block structure (no attention in the first level, more transformer layers deeper), a tiny
+  AutoencoderKL, two text encoders (``CLIPTextModel``, and ``CLIPTextModelWithProjection`` for
+  the pooled embedding) sharing the tiny tokenizer, and SDXL base's scheduler config.
 - ``sd15-arch``: the Stable Diffusion 1.5 architecture (UNet, VAE, CLIP ViT-L/14 text
   encoder) with random weights, for latency work (latency does not depend on weights).
 """
@@ -52,6 +57,30 @@ SD_SCHEDULER_CONFIG: dict[str, Any] = {
     "prediction_type": "epsilon",
     "trained_betas": None,
 }
+
+#: Stable Diffusion XL base's scheduler config (an EulerDiscreteScheduler's); pyinv reads
+#: its betas and spacing into its DDIM schedule (:func:`pyinv.schedule.make_schedule`).
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "EulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "interpolation_type": "linear",
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "clip_sample": False,
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+#: tiny-xl's widths: the two encoders' hidden sizes (D1, D2), the pooled size P, the time ids'
+#: embedding size
+TINY_XL_DIMS = {"hidden_1": 32, "hidden_2": 48, "pooled": 32, "time_embed": 8}
 
 TINY_SEED = 20231004
 OUTPUT_SCALE = 0.3
@@ -99,22 +128,35 @@ def tiny_tokenizer(words: Sequence[str] = TINY_WORDS):
         return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
 
 
-def _text_encoder(tokenizer, hidden: int, layers: int, heads: int, inter: int, vocab: int | None = None):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _text_encoder(
+    tokenizer,
+    hidden: int,
+    layers: int,
+    heads: int,
+    inter: int,
+    vocab: int | None = None,
+    projection: int | None = None,
+    act: str = "quick_gelu",
+):
+    """A CLIP text encoder; with ``projection`` one with a projection of that size
+    (``CLIPTextModelWithProjection``, SDXL's second encoder)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    extra = {} if projection is None else {"projection_dim": projection}
     config = CLIPTextConfig(
+        **extra,
         vocab_size=vocab or len(tokenizer),
         hidden_size=hidden,
         intermediate_size=inter,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         max_position_embeddings=77,
-        hidden_act="quick_gelu",
+        hidden_act=act,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModel(config)
+    return CLIPTextModel(config) if projection is None else CLIPTextModelWithProjection(config)
 
 
 def _tiny_unet(channels: int):
@@ -176,6 +218,53 @@ def build_tiny(prediction_type: str = "epsilon", pixel: bool = False) -> dict[st
     }
 
 
+def build_tiny_xl() -> dict[str, Any]:
+    """Components of the tiny SDXL-shaped model (seeded random weights; see the module
+    docstring): unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2."""
+    from diffusers import UNet2DConditionModel
+
+    dims = TINY_XL_DIMS
+    tokenizer = tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(16, 32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 2),
+            attention_head_dim=(2, 4, 8),  # heads per level, as SDXL's config counts them
+            cross_attention_dim=dims["hidden_1"] + dims["hidden_2"],
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=dims["time_embed"],
+            projection_class_embeddings_input_dim=6 * dims["time_embed"] + dims["pooled"],
+            norm_num_groups=8,
+        )
+        with torch.no_grad():  # as in build_tiny: a smooth enough random model
+            unet.conv_out.weight.mul_(OUTPUT_SCALE)
+            unet.conv_out.bias.mul_(OUTPUT_SCALE)
+        vae = _tiny_vae()
+        text_encoder = _text_encoder(tokenizer, hidden=dims["hidden_1"], layers=2, heads=4, inter=64)
+        text_encoder_2 = _text_encoder(
+            tokenizer, hidden=dims["hidden_2"], layers=2, heads=4, inter=96, projection=dims["pooled"], act="gelu"
+        )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer,  # real SDXL's pads with "!": no word moves
+        "scheduler_config": dict(SDXL_SCHEDULER_CONFIG),
+        "force_zeros_for_empty_prompt": True,
+        "image_size": 32,
+    }
+
+
 def build_sd15_arch() -> dict[str, Any]:
     """SD 1.5's architecture with seeded random weights (about 1.07 B parameters)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -224,5 +313,6 @@ PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
     "tiny": build_tiny,
     "tiny-v": lambda: build_tiny(prediction_type="v_prediction"),
     "tiny-pixel": lambda: build_tiny(pixel=True),
+    "tiny-xl": build_tiny_xl,
     "sd15-arch": build_sd15_arch,
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..control.attention import ControlCall, control_scope
+from ..sdxl import unet_kwargs
 
 
 class Backend:
@@ -35,23 +36,29 @@ class Backend:
     def check(self, device: torch.device, dtype: torch.dtype) -> None:
         """Refuse (``PyinvError``) a device or dtype the backend cannot run."""
 
+    def check_model(self, model) -> None:
+        """Refuse (``PyinvError``) a loaded model the backend cannot run (e.g. one with SDXL's
+        added conditions, :mod:`pyinv.sdxl`)."""
+
     def run(self, model, sample, timestep, embeddings, control) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One UNet call of ``model`` (a :class:`~pyinv.models.DiffusionModel`); the
         tensors are already on the model's device and dtype."""
-        return call_module(self.runner(model.unet), sample, timestep, embeddings, control)
+        return call_module(self.runner(model.unet), sample, timestep, embeddings, control, model.added_conditions)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
-def call_module(unet, sample, timestep, embeddings, control) -> tuple[torch.Tensor, torch.Tensor | None]:
+def call_module(unet, sample, timestep, embeddings, control, added=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Call a module with diffusers' UNet signature under ``control``: the control goes in
     with the call (``cross_attention_kwargs``, and the thread's :func:`control_scope` for the
-    ResNet hooks), so concurrent calls on one UNet do not meet."""
+    ResNet hooks), so concurrent calls on one UNet do not meet. ``added``: the model's
+    :class:`~pyinv.sdxl.AddedConditions` (SDXL's packed embeddings are split back), or ``None``."""
+    conditions = unet_kwargs(embeddings, added)
     if control is None:
-        return unet(sample, timestep, encoder_hidden_states=embeddings, return_dict=False)[0], None
+        return unet(sample, timestep, **conditions, return_dict=False)[0], None
     call = ControlCall(control)
     with control_scope(call):
         kwargs = {"control": call}
-        out = unet(sample, timestep, encoder_hidden_states=embeddings, cross_attention_kwargs=kwargs, return_dict=False)
+        out = unet(sample, timestep, **conditions, cross_attention_kwargs=kwargs, return_dict=False)
     return out[0], call.gathered()

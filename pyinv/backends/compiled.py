@@ -56,7 +56,10 @@ class CompileBackend(Backend):
         with _LOCK:
             found = self._graphed.get(key)
             if found is None or found[0] is not model.unet:
-                found = (model.unet, GraphedCall(flat_unet(self.runner(model.unet), control), tensors))
+                found = (
+                    model.unet,
+                    GraphedCall(flat_unet(self.runner(model.unet), control, model.added_conditions), tensors),
+                )
                 self._graphed[key] = found
         outs = found[1](tensors)
         return outs[0], (outs[1] if len(outs) > 1 else None)

@@ -200,6 +200,12 @@ class ExportingBackend(Backend):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(cache={self.cache!r})"
 
+    def check_model(self, model) -> None:
+        if model.added_conditions is not None:
+            raise PyinvError(
+                f"the {self.name} backend does not export SDXL's added conditions yet; use eager or compile"
+            )
+
     def graph_entry(self, model, signature: GraphSignature, flat: FlatUNet, tensors) -> Entry:
         """The ONNX graph of ``signature`` from the export cache, exported there if absent."""
         return self.cache.get_or_build(

@@ -27,6 +27,7 @@ import torch
 
 from ..control.attention import ControlCall, control_scope
 from ..errors import PyinvError
+from ..sdxl import unet_kwargs
 
 #: the graph's fixed inputs, before the control tensors
 FIXED_INPUTS = ("sample", "timestep", "embeddings")
@@ -161,30 +162,33 @@ class FlatUNet(torch.nn.Module):
     """The UNet call of the module docstring as ``forward(sample, timestep, embeddings, *xs)``,
     for one rule and one set of active terms (``rule=None``: the plain call)."""
 
-    def __init__(self, unet: torch.nn.Module, rule=None, active: Sequence[str] = (), names: Sequence[str] = ()):
+    def __init__(
+        self, unet: torch.nn.Module, rule=None, active: Sequence[str] = (), names: Sequence[str] = (), added=None
+    ):
         super().__init__()
         self.unet = unet
+        self.added = added
         self.rule = rule
         self.active = frozenset(active)
         self.names = tuple(names)
 
     def forward(self, sample, timestep, embeddings, *xs):
+        conditions = unet_kwargs(embeddings, self.added)
         if self.rule is None:
-            return (self.unet(sample, timestep, encoder_hidden_states=embeddings, return_dict=False)[0],)
+            return (self.unet(sample, timestep, **conditions, return_dict=False)[0],)
         from ..control.base import StepControl
 
         call = ControlCall(StepControl(self.rule, dict(zip(self.names, xs, strict=True)), self.active))
         with control_scope(call):
             kwargs = {"control": call}
-            out = self.unet(
-                sample, timestep, encoder_hidden_states=embeddings, cross_attention_kwargs=kwargs, return_dict=False
-            )
+            out = self.unet(sample, timestep, **conditions, cross_attention_kwargs=kwargs, return_dict=False)
         maps = call.gathered()
         return (out[0],) if maps is None else (out[0], maps)
 
 
-def flat_unet(unet: torch.nn.Module, control) -> FlatUNet:
-    """:class:`FlatUNet` for calls like this one (``control`` a StepControl or ``None``)."""
+def flat_unet(unet: torch.nn.Module, control, added=None) -> FlatUNet:
+    """:class:`FlatUNet` for calls like this one (``control`` a StepControl or ``None``;
+    ``added`` the model's :class:`~pyinv.sdxl.AddedConditions` or ``None``)."""
     if control is None:
-        return FlatUNet(unet)
-    return FlatUNet(unet, control.rule, control.active, sorted(control.inputs))
+        return FlatUNet(unet, added=added)
+    return FlatUNet(unet, control.rule, control.active, sorted(control.inputs), added=added)

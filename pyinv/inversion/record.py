@@ -288,10 +288,10 @@ class Inversion:
             "latent channels": (self.z0.shape[1], model.latent_channels),
             "latent size": (self.z0.shape[2], model.latent_size),
         }
+        length, width = model.embedding_shape  # SDXL: the pooled row and both encoders' width
         for name in ("null_embeddings", "cond_embeddings"):
             if name in self.tensors:
-                expected[f"{name} length"] = (self.tensors[name].shape[1], model.max_tokens)
-                width = int(model.text_encoder.config.hidden_size)
+                expected[f"{name} length"] = (self.tensors[name].shape[1], length)
                 expected[f"{name} width"] = (self.tensors[name].shape[2], width)
         for what, (have, want) in expected.items():
             if int(have) != int(want):
