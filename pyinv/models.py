@@ -151,7 +151,9 @@ class DiffusionModel:
     force_zeros_for_empty_prompt: bool = False
     _fp32_copies: dict[str, torch.nn.Module] = field(default_factory=dict, repr=False)
     _fingerprint: dict[str, Any] | None = field(default=None, repr=False, compare=False)
-    _added: AddedConditions | None = field(default=None, init=False, repr=False, compare=False)
+    #: derived in __post_init__ (an init field only so that copies of a model can be made
+    #: from ``vars(model)`` or ``dataclasses.replace``)
+    _added: AddedConditions | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.backend.check(self.device, self.dtype)
