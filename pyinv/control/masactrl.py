@@ -34,6 +34,9 @@ from .base import Controller, ControlRule, EditContext, StepTable
 
 #: the reference's start layer, counted over SD 1.x's 16 self-attention layers
 REFERENCE_START_LAYER, REFERENCE_LAYERS = 10, 16
+#: the self-attention layer counts the reference's code knows (its ``MODEL_TYPE``: SD 16,
+#: SDXL 70); its SDXL mode keeps the default ``start_layer=10`` (layers 10 … 69)
+REFERENCE_LAYER_COUNTS = (16, 70)
 
 
 class MasaCtrl(Controller):
@@ -42,8 +45,9 @@ class MasaCtrl(Controller):
     Args:
         start_step: first call of the edit that is controlled (reference 4).
         start_layer: first controlled self-attention layer (reference 10 of SD 1.x's 16).
-            ``None``: 10 on a model with 16 self-attention layers, else the same fraction
-            of the model's layers (rounded).
+            ``None``: 10 on a model with 16 self-attention layers (SD 1.x/2.x) or 70 (SDXL:
+            the reference's SDXL mode counts 70 and keeps 10), else the same fraction of the
+            model's layers as 10 of 16 (rounded).
         graph_static: compute the controlled attention every step (see
             :class:`~pyinv.control.base.Controller`).
     """
@@ -77,8 +81,13 @@ class MasaCtrl(Controller):
             raise PyinvError(f"MasaCtrl start_step {self.start_step} leaves nothing to control in a {calls}-step edit")
 
     def resolved_start_layer(self, num_self_layers: int) -> int:
+        """The start layer: as given, else the reference's 10 on the UNets its code knows (SD
+        1.x/2.x's 16 self-attention layers and SDXL's 70, where its SDXL mode keeps 10), else
+        the same fraction of the model's layers as 10 of 16 (rounded)."""
         if self.start_layer is not None:
             return self.start_layer
+        if num_self_layers in REFERENCE_LAYER_COUNTS:
+            return REFERENCE_START_LAYER
         return round(REFERENCE_START_LAYER * num_self_layers / REFERENCE_LAYERS)
 
     def controlled_layers(self, layers: list[AttentionLayer]) -> list[AttentionLayer]:

@@ -71,15 +71,17 @@ class LocalBlend:
         threshold: mask threshold on the max-normalised map (reference 0.3).
         start: fraction of the steps before blending starts (reference 0.2: from call
             ``int(0.2·N)`` on).
-        resolution: side of the attention maps used (reference 16; if the model has no
-            16×16 cross-attention layer, the closest size is used).
+        resolution: side of the attention maps used (if the model has no cross-attention
+            layer of that size, the closest size is used). ``None``: the reference's 16 on
+            SD 1.x/2.x, and on SDXL the same fraction of the image, 1/32 of its side (the 16²
+            maps of SD at 512² are 32² at SDXL's 1024²; the reference has no SDXL code).
     """
 
     source_words: str | Sequence[str]
     target_words: str | Sequence[str]
     threshold: float = 0.3
     start: float = 0.2
-    resolution: int = 16
+    resolution: int | None = None
 
     def __post_init__(self):
         self.source_words = _words(self.source_words, "blend source words")
@@ -88,6 +90,8 @@ class LocalBlend:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
                 raise PyinvError(f"blend {name} must be a number in [0, 1], got {value!r}")
+        if self.resolution is None:
+            return
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 1:
             raise PyinvError(f"blend resolution must be a positive integer, got {self.resolution!r}")
 
@@ -382,7 +386,7 @@ class P2PPlan(StepTable):
         blend = control.blend
         map_layers: list[AttentionLayer] = []
         if blend is not None:
-            map_layers = _blend_layers(layers, blend.resolution)
+            map_layers = _blend_layers(layers, blend_side(blend, model))
             self.blend_size = map_layers[0].size  # all chosen layers share it
         s0, s1 = maps.self_steps
         self_layers = [x for x in layers if not x.is_cross and s1 > s0 and x.tokens <= self_max_tokens]
@@ -448,6 +452,19 @@ def blend_mask_from_maps(maps: torch.Tensor, size: tuple[int, int], latent_size,
     m = m / m.amax(dim=(2, 3), keepdim=True)
     mask = m > threshold
     return (mask[:1] | mask).to(maps.dtype)
+
+
+#: LocalBlend's map side on SD 1.x/2.x (the reference's 16², at any image size)
+SD_BLEND_SIDE = 16
+
+
+def blend_side(blend: LocalBlend, model) -> int:
+    """The side of the maps ``blend`` uses on ``model`` (see :attr:`LocalBlend.resolution`)."""
+    if blend.resolution is not None:
+        return int(blend.resolution)
+    if getattr(model, "family", "SD") == "SDXL":
+        return max(1, int(model.image_size) // 32)
+    return SD_BLEND_SIDE
 
 
 def _blend_layers(layers: list[AttentionLayer], resolution: int) -> list[AttentionLayer]:
