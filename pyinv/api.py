@@ -165,10 +165,12 @@ class Editor:
         dtype: str | torch.dtype | None = None,
         progress: bool = False,
         backend: str | None = None,
+        vae: str | None = None,
     ) -> Editor:
         """Load a preset (``tiny``, ``sd15-arch``, …), a diffusers folder or a hub id; its UNet
-        runs on ``backend`` (``"eager"``, the default, or ``"compile"``: :mod:`pyinv.backends`)."""
-        return cls(load_model(name_or_path, device=device, dtype=dtype, backend=backend), progress=progress)
+        runs on ``backend`` (``"eager"``, the default, or ``"compile"``: :mod:`pyinv.backends`).
+        ``vae``: a VAE folder or hub id in place of the model's own (an fp16-fixed SDXL VAE)."""
+        return cls(load_model(name_or_path, device=device, dtype=dtype, backend=backend, vae=vae), progress=progress)
 
     # ------------------------------------------------------------------ images
     def prepare_image(self, image: ImageInput) -> torch.Tensor:
@@ -305,12 +307,12 @@ class Editor:
         _check_prompt(source_prompt, "source prompt", allow_empty=not algo.needs_source_prompt)
         self.check_prompts(source_prompt)
         seed = None if seed is None else check_seed(seed)
-        steps = algo.default_steps if steps is None else steps
+        steps = algo.steps_for(self.model) if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
             raise PyinvError(f"steps must be a positive integer, got {steps!r}")
         if guidance is None:  # a method may invert at another guidance than it edits with (EF-DDPM)
-            guidance = algo.default_inversion_guidance
-        guidance = check_guidance(algo.default_guidance if guidance is None else guidance)
+            guidance = algo.inversion_guidance_for(self.model)
+        guidance = check_guidance(algo.guidance_for(self.model) if guidance is None else guidance)
         mode = schedule or algo.default_schedule
         if mode not in SCHEDULE_MODES:
             raise PyinvError(f"unknown schedule {mode!r}; use one of {', '.join(SCHEDULE_MODES)}")
@@ -390,7 +392,7 @@ class Editor:
         inv = self.load_inversion(inversion) if not isinstance(inversion, Inversion) else inversion
         started = time.perf_counter()
         out = self._edit_latents(inv, targets, guidance, control, with_source, seed, **options)
-        w = get_method(inv.method).default_guidance if guidance is None else float(guidance)  # checked above
+        w = get_method(inv.method).guidance_for(self.model) if guidance is None else float(guidance)  # checked above
         return self._edit_result(out, targets, w, started)
 
     def _edit_result(self, out, targets: list[str], w: float, started: float) -> EditResult:
@@ -422,7 +424,7 @@ class Editor:
         """An edit's arguments checked before any work: ``(method, guidance, controller, seed)``."""
         inv.check_model(self.model)
         algo = get_method(inv.method)
-        guidance = check_guidance(algo.default_guidance if guidance is None else guidance)
+        guidance = check_guidance(algo.guidance_for(self.model) if guidance is None else guidance)
         control = _controller(control)
         negative = getattr(control, "negative_prompt", None)  # PnP's, for the targets' unconditional pass
         if isinstance(negative, str) and negative:

@@ -90,6 +90,51 @@ def load_diffusers(name: str, presets: Sequence[str] = ()) -> dict[str, Any]:
     }
 
 
+def load_vae(name: str):
+    """An ``AutoencoderKL`` from a folder (its own ``config.json``, or a model folder's
+    ``vae/``) or a hub id (at its root, else its ``vae`` subfolder), such as an fp16-fixed SDXL
+    VAE (``madebyollin/sdxl-vae-fp16-fix``)."""
+    from diffusers import AutoencoderKL
+
+    path = os.path.expanduser(name)
+    local = os.path.isdir(path)
+    if not local and (os.path.exists(path) or looks_like_path(name)):
+        raise PyinvError(f"VAE folder not found: {name}")
+    try:
+        if local:
+            if os.path.isfile(os.path.join(path, "config.json")):
+                return AutoencoderKL.from_pretrained(path)
+            if os.path.isfile(os.path.join(path, "vae", "config.json")):
+                return AutoencoderKL.from_pretrained(path, subfolder="vae")
+            raise PyinvError(f"{name} is not a diffusers VAE folder (no config.json, nor vae/config.json, inside)")
+        try:
+            return AutoencoderKL.from_pretrained(name)
+        except OSError:
+            return AutoencoderKL.from_pretrained(name, subfolder="vae")
+    except PyinvError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every loader failure becomes one clear line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PyinvError(f"cannot load VAE {name!r}: {first}") from exc
+
+
+def check_vae(vae, unet, own_vae) -> None:
+    """Refuse a VAE that cannot stand in for the model's own: the model has none (pixel
+    space), or its latent channels or downsampling differ from what the UNet and the model's
+    VAE work at."""
+    if own_vae is None:
+        raise PyinvError("this model works on pixels and has no VAE to replace")
+    channels = int(vae.config.latent_channels)
+    if channels != int(unet.config.in_channels):
+        raise PyinvError(f"the VAE makes {channels}-channel latents but the UNet takes {unet.config.in_channels}")
+    levels, own = len(vae.config.block_out_channels), len(own_vae.config.block_out_channels)
+    if levels != own:
+        raise PyinvError(
+            f"the VAE downsamples {2 ** (levels - 1)}× but the model's own VAE {2 ** (own - 1)}×: "
+            "it is not a VAE for this model"
+        )
+
+
 def read_model_index(source: str, local: bool) -> dict[str, Any]:
     """``model_index.json`` of a folder or hub id (``{}`` when a folder has none: pyinv's own
     SD folders do not write one)."""

@@ -22,11 +22,11 @@ import torch
 from .backends import Backend, EagerBackend, get_backend
 from .checks import check_text
 from .control.attention import install_control
-from .diffusers_folder import load_diffusers, save_model
+from .diffusers_folder import check_vae, load_diffusers, load_vae, save_model
 from .errors import PyinvError
 from .fingerprint import fingerprint_of, fingerprints_match
-from .presets import PRESETS
-from .sdxl import AddedConditions, added_conditions, encode_sdxl, unet_kwargs
+from .presets import PRESETS, SIZED_PRESETS
+from .sdxl import AddedConditions, added_conditions, encode_sdxl, square_time_ids, unet_kwargs
 from .text import tokenize
 
 __all__ = [
@@ -179,8 +179,12 @@ class DiffusionModel:
 
     @property
     def added_conditions(self) -> AddedConditions | None:
-        """SDXL's added conditions and how the embeddings pack them (``None`` for SD 1.x/2.x)."""
-        return self._added
+        """SDXL's added conditions and how the embeddings pack them (``None`` for SD 1.x/2.x).
+        Their time ids follow :attr:`image_size` (set anew when it has changed)."""
+        added = self._added
+        if added is not None and added.time_ids != square_time_ids(self.image_size):
+            added = self._added = added.for_size(self.image_size)
+        return added
 
     @property
     def family(self) -> str:
@@ -340,7 +344,9 @@ class DiffusionModel:
         unet = self.fp32_unet()
         dt = self.latent_dtype
         t = _timestep(t, latents.device)
-        return unet(latents.to(dt), t, **unet_kwargs(embeddings.to(dt), self._added), return_dict=False)[0].to(dt)
+        return unet(latents.to(dt), t, **unet_kwargs(embeddings.to(dt), self.added_conditions), return_dict=False)[
+            0
+        ].to(dt)
 
     def reset_counters(self) -> None:
         self.unet_calls = 0
@@ -375,11 +381,13 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     image_size: int | None = None,
     backend: str | Backend | None = None,
+    vae: str | None = None,
 ) -> DiffusionModel:
-    """Load a preset (``demo``, ``tiny``, ``tiny-v``, ``tiny-pixel``, ``tiny-xl``, ``sd15-arch``),
-    a local diffusers Stable Diffusion (1.x, 2.x or XL) folder, or a hub id (downloaded by
+    """Load a preset (``demo``, ``tiny``, ``tiny-v``, ``tiny-pixel``, ``tiny-xl``, ``sd15-arch``,
+    ``sdxl-arch``), a local diffusers Stable Diffusion (1.x, 2.x or XL) folder, or a hub id (downloaded by
     diffusers, cached as usual), to run its UNet on ``backend`` (:mod:`pyinv.backends`;
-    default ``eager``)."""
+    default ``eager``). ``vae``: a VAE folder or hub id to use in place of the model's own
+    (:func:`pyinv.diffusers_folder.load_vae`; an fp16-fixed SDXL VAE, for instance)."""
     runs_on = get_backend(backend)
     dev = parse_device(device)
     dt = parse_dtype(dtype)
@@ -388,7 +396,14 @@ def load_model(
         raise PyinvError("empty model name")
     name = str(name_or_path)
     with quiet_libraries():
-        parts = PRESETS[name]() if name in PRESETS else load_diffusers(name, tuple(PRESETS))
+        if name in SIZED_PRESETS:
+            parts = PRESETS[name](dtype=dt, device=dev)
+        else:
+            parts = PRESETS[name]() if name in PRESETS else load_diffusers(name, tuple(PRESETS))
+        if vae is not None:
+            replacement = load_vae(str(vae))
+            check_vae(replacement, parts["unet"], parts["vae"])
+            parts["vae"] = replacement
         unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
         text_encoder_2 = parts.get("text_encoder_2")
         encoders = (text_encoder, text_encoder_2)

@@ -8,14 +8,15 @@ controller of pyinv moves one embeddings tensor ``(R, L, D)`` per UNet row, so a
 model's embeddings are ``(R, L + 1, D)``: rows ``0 … L − 1`` the hidden states, row ``L`` the
 pooled embedding zero-padded from P to D. :meth:`AddedConditions.unet_kwargs` splits them
 back at every UNet call; the time ids are the same for every row (the model's image size,
-no crop), so they are not part of the tensor.
+no crop, read when the call is made: a model whose ``image_size`` is changed gets its new
+ids), so they are not part of the tensor.
 
 An SD 1.x/2.x model has no added conditions (``None``), and its embeddings are passed as-is.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -37,6 +38,10 @@ class AddedConditions:
     pooled_dim: int
     time_ids: tuple[float, float, float, float, float, float]
 
+    def for_size(self, image_size: int) -> AddedConditions:
+        """These conditions for ``image_size²`` images: time ids (size, size, 0, 0, size, size)."""
+        return replace(self, time_ids=square_time_ids(image_size))
+
     def unet_kwargs(self, embeddings: torch.Tensor) -> dict[str, Any]:
         """``encoder_hidden_states`` and ``added_cond_kwargs`` of the UNet call for packed
         ``embeddings (R, L + 1, D)``. The time ids are made by fills on the embeddings'
@@ -47,6 +52,14 @@ class AddedConditions:
             "encoder_hidden_states": embeddings[:, : self.tokens],
             "added_cond_kwargs": {"text_embeds": embeddings[:, self.tokens, : self.pooled_dim], "time_ids": time_ids},
         }
+
+
+def square_time_ids(image_size: int) -> tuple[float, float, float, float, float, float]:
+    """SDXL's micro-conditions for an uncropped ``image_size²`` image: (original height, width,
+    crop top, left, target height, width) = (size, size, 0, 0, size, size), as diffusers' SDXL
+    pipelines make them for an image of that size."""
+    size = float(image_size)
+    return (size, size, 0.0, 0.0, size, size)
 
 
 def unet_kwargs(embeddings: torch.Tensor, added: AddedConditions | None) -> dict[str, Any]:
@@ -72,8 +85,7 @@ def added_conditions(unet, text_encoder_2, tokens: int, width: int, image_size: 
             f"the pooled text embedding ({pooled} wide) is wider than the hidden states ({width}); "
             "pyinv packs it as one row of the embeddings and cannot run this checkpoint"
         )
-    size = float(image_size)
-    return AddedConditions(tokens=int(tokens), pooled_dim=pooled, time_ids=(size, size, 0.0, 0.0, size, size))
+    return AddedConditions(tokens=int(tokens), pooled_dim=pooled, time_ids=square_time_ids(image_size))
 
 
 def encode_sdxl(

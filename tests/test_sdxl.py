@@ -16,6 +16,7 @@ from pyinv.backends.flat import flat_unet
 from pyinv.backends.ort import OnnxRuntimeBackend
 from pyinv.backends.trt import TensorRTBackend
 from pyinv.errors import PyinvError
+from pyinv.inversion import get_method
 from pyinv.models import fingerprints_match, load_model, save_model
 from pyinv.presets import TINY_XL_DIMS
 from pyinv.sdxl import AddedConditions, added_conditions
@@ -93,6 +94,36 @@ def test_unet_split_equals_the_diffusers_call(xl):
     assert torch.equal(grad.detach(), want)
 
 
+def test_time_ids_follow_the_image_size():
+    m = load_model("tiny-xl")  # its own model: the image size changes
+    emb = m.encode_prompts([SRC])
+    m.image_size = 48  # as `pyinv benchmark --resolution 48` sets it
+    assert m.added_conditions.time_ids == (48.0, 48.0, 0.0, 0.0, 48.0, 48.0)
+    z = torch.randn(1, 4, 24, 24, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = m.unet(
+            z,
+            torch.tensor(301),
+            encoder_hidden_states=emb[:, :77],
+            added_cond_kwargs={
+                "text_embeds": emb[:, 77, :P],
+                "time_ids": torch.tensor([[48.0, 48.0, 0, 0, 48.0, 48.0]]),
+            },
+        ).sample
+        stale = m.unet(
+            z,
+            torch.tensor(301),
+            encoder_hidden_states=emb[:, :77],
+            added_cond_kwargs={
+                "text_embeds": emb[:, 77, :P],
+                "time_ids": torch.tensor([[32.0, 32.0, 0, 0, 32.0, 32.0]]),
+            },
+        ).sample
+    assert not torch.equal(want, stale)  # the ids matter to the call
+    assert torch.equal(m.unet_forward(z, 301, emb), want)
+    assert torch.equal(m.unet_forward_grad(z, 301, emb).detach(), want)
+
+
 def test_a_pooled_embedding_wider_than_the_hidden_states_is_refused(xl):
     m = xl.model
     with pytest.raises(PyinvError, match="wider than the hidden states"):
@@ -133,6 +164,30 @@ def test_edit_friendly_reconstructs(xl, image):
     out = xl.edit(inv, SRC, guidance=inv.guidance, with_source=True, skip=0)
     assert rel_err(out.source_latents, inv.z0) < 1e-8
     assert rel_err(out.latents, inv.z0) < 1e-8
+
+
+def test_edit_friendly_takes_the_ledits_sdxl_settings(xl, image):
+    from diffusers import DDIMScheduler
+
+    algo = get_method("edit-friendly")
+    assert algo.defaults_for("SDXL") == {"steps": 57, "guidance": 5.0, "inversion_guidance": 3.5}
+    assert (
+        algo.defaults_for(None)
+        == algo.defaults_for("SD")
+        == {"steps": 100, "guidance": 15.0, "inversion_guidance": 3.5}
+    )
+    assert get_method("direct").defaults_for(xl.model) == get_method("direct").defaults_for("SD")
+    inv = xl.invert(image, SRC, method="edit-friendly", seed=0)
+    assert inv.num_steps == 57 and inv.guidance == 3.5
+    # LEDITS++'s EF-DDPM path (a DDIMScheduler, "leading" spacing) at int(50 · 1.15) = 57 steps
+    ddim = DDIMScheduler.from_config(xl.model.scheduler_config, timestep_spacing="leading")
+    ddim.set_timesteps(57)
+    assert list(inv.schedule["timesteps"]) == ddim.timesteps.tolist()
+    xl.model.reset_counters()
+    out = xl.edit(inv, TGT, seed=0)
+    assert xl.model.unet_calls == 50  # LEDITS++'s 50 inverted steps: 7 of 57 skipped
+    assert torch.equal(out.latents, xl.edit(inv, TGT, guidance=5.0, seed=0).latents)
+    assert not torch.equal(out.latents, xl.edit(inv, TGT, guidance=15.0, seed=0).latents)
 
 
 def test_null_text_loss_falls_and_optimises_the_pooled_row(xl, image):

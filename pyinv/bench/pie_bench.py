@@ -274,7 +274,7 @@ def _edit_case(
     returns ``(config, path, image or None, seconds, error)`` per config."""
     from ..inversion import get_method
 
-    n = steps or get_method(method).default_steps
+    n = steps or get_method(method).steps_for(editor.model)
     done, ready = [], []
     for cfg, path in todo:
         try:

@@ -241,7 +241,7 @@ def run_config(
     from .metrics import masked_psnr, to_unit_tensor
 
     algo = get_method(config.method)
-    steps = settings.steps or algo.default_steps
+    steps = settings.steps or algo.steps_for(editor.model)
     row = SpeedRow(config.label, config.method, config.control, config.backend, config.dtype, config.baseline, steps)
     device = editor.model.device
     image = source_image(editor.model.image_size)

@@ -42,14 +42,20 @@ class UsageError(Exception):
 
 # ---------------------------------------------------------------------- arguments
 def add_model_args(p: argparse.ArgumentParser, model_help: str) -> None:
-    """The ``model and runtime`` group: ``--model``, ``--device``, ``--dtype``, ``--backend``,
-    ``--seed``, ``--quiet``."""
+    """The ``model and runtime`` group: ``--model``, ``--device``, ``--dtype``, ``--vae``,
+    ``--backend``, ``--seed``, ``--quiet``."""
     from ..backends import BACKENDS
 
     g = p.add_argument_group("model and runtime")
     g.add_argument("--model", metavar="NAME_OR_PATH", help=model_help)
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     g.add_argument("--dtype", help="fp32, fp16 or bf16 (default: fp32)")
+    g.add_argument(
+        "--vae",
+        metavar="NAME_OR_PATH",
+        help="a VAE (diffusers AutoencoderKL folder or hub id) in place of the model's own, e.g. an "
+        "fp16-fixed SDXL VAE (without one an fp16 decode that overflows is redone in fp32)",
+    )
     g.add_argument(
         "--backend",
         choices=tuple(BACKENDS),
@@ -166,13 +172,20 @@ def interrupt_exits() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def load_editor(model: str, device: torch.device, dtype: torch.dtype, progress: bool, backend: str | None = None):
+def load_editor(
+    model: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool,
+    backend: str | None = None,
+    vae: str | None = None,
+):
     """Load the model (the one expensive setup step), without library chatter on stderr; its
-    UNet runs on ``backend`` (``None``: eager)."""
+    UNet runs on ``backend`` (``None``: eager), with ``vae`` in place of its own VAE if given."""
     with interrupt_exits():
         from ..api import Editor
 
-        return Editor.from_pretrained(model, device=device, dtype=dtype, progress=progress, backend=backend)
+        return Editor.from_pretrained(model, device=device, dtype=dtype, progress=progress, backend=backend, vae=vae)
 
 
 # ---------------------------------------------------------------------- outputs

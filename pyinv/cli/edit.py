@@ -157,7 +157,7 @@ def _inversion_guidance(args: argparse.Namespace, algo) -> float | None:
     guidance, unless the method inverts at its own guidance (edit-friendly's cfg_src)."""
     if args.inversion_guidance is not None:
         return args.inversion_guidance
-    if getattr(algo, "default_inversion_guidance", None) is not None:
+    if algo.default_inversion_guidance is not None:
         return None
     return args.guidance
 
@@ -207,6 +207,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
         dtype,
         progress=not args.quiet,
         backend=getattr(args, "backend", None),
+        vae=getattr(args, "vae", None),
     )
     before = editor.model.unet_image_forwards
     inv = _invert(editor, image, args, algo, source, args.guidance, options)
@@ -261,10 +262,11 @@ def _edit_image(args: argparse.Namespace, targets: list[str]) -> int:
         dtype,
         progress=not args.quiet,
         backend=getattr(args, "backend", None),
+        vae=getattr(args, "vae", None),
     )
     editor.check_prompts(source, targets)  # before the controller looks words up in them
     if control is not None:
-        control.check_prompts(editor.model, source or "", targets, args.steps or algo.default_steps)
+        control.check_prompts(editor.model, source or "", targets, args.steps or algo.steps_for(editor.model))
     before = editor.model.unet_image_forwards
     inv = _invert(editor, image, args, algo, source, _inversion_guidance(args, algo), invert_options)
     result = editor.edit(inv, targets, guidance=args.guidance, control=control, seed=args.seed, **edit_options)
@@ -298,7 +300,14 @@ def _edit_inversion(args: argparse.Namespace, targets: list[str]) -> int:
     outputs = image_outputs(args.out, len(targets))
     distinct(outputs)
     model = args.model or inv.model.get("name") or common.DEFAULT_MODEL
-    editor = common.load_editor(model, device, dtype, progress=not args.quiet, backend=getattr(args, "backend", None))
+    editor = common.load_editor(
+        model,
+        device,
+        dtype,
+        progress=not args.quiet,
+        backend=getattr(args, "backend", None),
+        vae=getattr(args, "vae", None),
+    )
     before = editor.model.unet_image_forwards
     result = editor.edit(inv, targets, guidance=args.guidance, control=control, seed=args.seed, **edit_options)
     written = write_outputs(result.images, outputs, None, None)

@@ -143,7 +143,12 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     distinct(outputs)
     device, dtype = runtime(args)
     editor = common.load_editor(
-        args.model or common.DEFAULT_MODEL, device, dtype, progress=False, backend=getattr(args, "backend", None)
+        args.model or common.DEFAULT_MODEL,
+        device,
+        dtype,
+        progress=False,
+        backend=getattr(args, "backend", None),
+        vae=getattr(args, "vae", None),
     )
     results = sb.run_bench(editor, cases, configs, steps=args.steps, progress=not args.quiet)
     rows = sb.summarize(results)
@@ -216,7 +221,9 @@ def cmd_eval_pie_bench(args: argparse.Namespace) -> int:
         configs,
         metrics,
         out_dir,
-        lambda: common.load_editor(model, device, dtype, progress=False, backend=getattr(args, "backend", None)),
+        lambda: common.load_editor(
+            model, device, dtype, progress=False, backend=getattr(args, "backend", None), vae=getattr(args, "vae", None)
+        ),
         steps=args.steps,
         seed=0 if args.seed is None else args.seed,
         rerun=args.rerun,

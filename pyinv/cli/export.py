@@ -210,26 +210,26 @@ def size_factor(model) -> tuple[int, int, int]:
     return model.scale_factor * down, model.scale_factor, down
 
 
-def _first_edit_step(algo, steps: int) -> int:
+def _first_edit_step(algo, steps: int, family: str = "SD") -> int:
     """The first sampling step an edit of a ``steps``-step inversion runs with the method's
-    default options (EF-DDPM skips some)."""
+    default options on a ``family`` model (EF-DDPM skips some)."""
     if "skip" not in algo.edit_options:
         return 0
     skip = algo.edit_options["skip"]
     if skip is None:
         from ..inversion.edit_friendly import default_skip
 
-        return default_skip(steps)
+        return default_skip(steps, family)
     return int(skip)
 
 
-def _fits(algo, control: str, steps: int) -> bool:
+def _fits(algo, control: str, steps: int, family: str = "SD") -> bool:
     """Whether a ``steps``-step inversion and its edit meet the graphs an edit with the
     method's default step count meets: every term of the controller active somewhere."""
     from ..control import P2P, MasaCtrl
     from ..control.words import check_window
 
-    calls = steps - _first_edit_step(algo, steps)
+    calls = steps - _first_edit_step(algo, steps, family)
     if calls < 1:
         return False
     if control == "masactrl":  # controlled from call start_step on (default 4)
@@ -241,12 +241,14 @@ def _fits(algo, control: str, steps: int) -> bool:
     return True  # pnp applies every term at every step of a graph-static plan; none has none
 
 
-def steps_for(algo, control: str) -> int:
-    """The fewest inference steps (at least 2) that make a layout's edit meet all its graphs."""
-    for steps in range(2, algo.default_steps + 1):
-        if _fits(algo, control, steps):
+def steps_for(algo, control: str, family: str = "SD") -> int:
+    """The fewest inference steps (at least 2) that make a layout's edit on a ``family``
+    model meet all its graphs."""
+    most = algo.steps_for(family)
+    for steps in range(2, most + 1):
+        if _fits(algo, control, steps, family):
             return steps
-    return algo.default_steps
+    return most
 
 
 def _cheap_invert_options(algo) -> dict[str, Any]:
@@ -272,7 +274,7 @@ def run_layout(editor, layout: Layout) -> int:
     from ..inversion import get_method
 
     algo = get_method(layout.method)
-    steps = steps_for(algo, layout.control)
+    steps = steps_for(algo, layout.control, editor.model.family)
     control = build_controller(layout.control)
     targets = [TARGET_PROMPTS[k % len(TARGET_PROMPTS)] for k in range(layout.targets)]
     if control is not None:

@@ -53,6 +53,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         dtype,
         progress=not args.quiet,
         backend=getattr(args, "backend", None),
+        vae=getattr(args, "vae", None),
     )
     before = editor.model.unet_image_forwards
     seeds = list(range(seed, seed + args.count))

@@ -170,7 +170,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ..api import Editor
 
         return Editor.from_pretrained(
-            args.model or common.DEFAULT_MODEL, device=device, dtype=dtype, progress=False, backend=backend
+            args.model or common.DEFAULT_MODEL,
+            device=device,
+            dtype=dtype,
+            progress=False,
+            backend=backend,
+            vae=getattr(args, "vae", None),
         )
 
     # the model is loaded (on the engine's worker thread, which runs it) and warmed before the
@@ -257,6 +262,7 @@ def serve_on_ray(args: argparse.Namespace, api_key: str | None) -> int:
             device=device,
             dtype=args.dtype,
             backend=getattr(args, "backend", None),
+            vae=getattr(args, "vae", None),
             store_root=args.cache_dir or default_store_root(),
             disk_bytes=int(args.disk_gb * (1 << 30)),
             limits=limits_of(args),

@@ -69,12 +69,48 @@ class Method:
     #: controller kind (``{"p2p": {"cross_replace": …, "self_replace": …, "self_max_tokens": …}}``);
     #: used where the user gave none
     control_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: defaults on another model family than SD 1.x/2.x, where a reference for it sets them:
+    #: family (``"SDXL"``) → the ones that differ, of ``steps``, ``guidance`` and
+    #: ``inversion_guidance`` (read through :meth:`defaults_for`)
+    family_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
     #: tensors an inversion of this method must hold (besides z0) for editing
     tensors: ClassVar[tuple[str, ...]] = ()
 
     def required_tensors(self, inv: Inversion) -> tuple[str, ...]:
         return self.tensors
+
+    # ------------------------------------------------------------------ defaults
+    @classmethod
+    def defaults_for(cls, model: Any = None) -> dict[str, Any]:
+        """``{"steps", "guidance", "inversion_guidance"}`` on ``model`` (a model, a family name
+        such as ``"SDXL"``, or ``None`` for SD 1.x/2.x): the class defaults, with those of
+        :attr:`family_defaults` for the model's family. ``inversion_guidance`` ``None``: the
+        inversion uses ``guidance``."""
+        family = model if isinstance(model, str) or model is None else getattr(model, "family", "SD")
+        found = {
+            "steps": cls.default_steps,
+            "guidance": cls.default_guidance,
+            "inversion_guidance": cls.default_inversion_guidance,
+        }
+        found.update(cls.family_defaults.get(family or "SD", {}))
+        return found
+
+    @classmethod
+    def steps_for(cls, model: Any = None) -> int:
+        """The default step count on ``model`` (:meth:`defaults_for`)."""
+        return int(cls.defaults_for(model)["steps"])
+
+    @classmethod
+    def guidance_for(cls, model: Any = None) -> float:
+        """The default edit guidance on ``model`` (:meth:`defaults_for`)."""
+        return float(cls.defaults_for(model)["guidance"])
+
+    @classmethod
+    def inversion_guidance_for(cls, model: Any = None) -> float | None:
+        """The default inversion guidance on ``model``, ``None`` when it is the edit's
+        (:meth:`defaults_for`)."""
+        return cls.defaults_for(model)["inversion_guidance"]
 
     # ------------------------------------------------------------------ options
     @classmethod

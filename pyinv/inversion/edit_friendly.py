@@ -161,8 +161,18 @@ def parse_color(color: Any, z0: torch.Tensor) -> ColorEdit:
     return ColorEdit(mask, target, float(s))
 
 
-def default_skip(num_steps: int) -> int:
-    """The reference's T_skip scaled to the step count: 36 of 100 steps (18 of 50)."""
+#: diffusers' LEDITS++ SDXL pipeline: ``invert(num_inversion_steps=50, skip=0.15)`` sets
+#: ``int(50 · 1.15) = 57`` timesteps (``"leading"`` spacing) and inverts the last 50, i.e. it
+#: skips 7 of 57 (0.15 / 1.15 of the schedule); its source guidance is 3.5, as EF-DDPM's
+LEDITS_SDXL_SKIP = 0.15
+LEDITS_SDXL_STEPS = int(50 * (1 + LEDITS_SDXL_SKIP))
+
+
+def default_skip(num_steps: int, family: str = "SD") -> int:
+    """T_skip scaled to the step count: the reference's 36 of 100 steps (18 of 50); on SDXL
+    LEDITS++'s ``skip=0.15`` of the inverted steps, ``round(N · 0.15 / 1.15)`` (7 of 57)."""
+    if family == "SDXL":
+        return round(num_steps * LEDITS_SDXL_SKIP / (1 + LEDITS_SDXL_SKIP))
     return round(0.36 * num_steps)
 
 
@@ -178,7 +188,7 @@ class EditFriendlyEditOptions(MethodOptions):
         flag="--skip",
         parse=non_negative_int,
         metavar="K",
-        default_text="36 of 100 steps, scaled to the step count",
+        default_text="36 of 100 steps, scaled to the step count; on SDXL 7 of 57",
     )
     shift: int | tuple[int, int] = option(0, "image shift dx, or (dy, dx), in latent pixels (circular)")
     color: ColorEdit | Mapping[str, Any] | None = option(
@@ -205,6 +215,10 @@ class EditFriendlyInversion(Method):
     #: "(0.6, 0.2) and (0.8, 0.4) for p2pinv and p2p respectively"), self-attention replaced in
     #: layers of at most 16² queries (its ptp_classes.replace_self_attention)
     control_defaults = {"p2p": {"cross_replace": 0.6, "self_replace": 0.2, "self_max_tokens": 16 * 16}}
+    #: SDXL: diffusers' LEDITS++ SDXL pipeline's schedule (57 leading-spaced steps, 7 skipped;
+    #: :data:`LEDITS_SDXL_STEPS`) and source guidance (3.5, as here); the edit's guidance is
+    #: 5, the SDXL pipelines' default guidance and LEDITS++'s default edit guidance
+    family_defaults = {"SDXL": {"steps": LEDITS_SDXL_STEPS, "guidance": 5.0}}
 
     def _invert(self, model, z0, source_prompt, schedule, guidance, options, progress):
         """Sample independent levels, extract ``noise_maps`` at cfg_src = ``guidance`` (N UNet calls):
@@ -217,7 +231,7 @@ class EditFriendlyInversion(Method):
     def program(self, model, inv, schedule, targets, guidance, with_source, options) -> EditProgram:
         """Targets at ``guidance`` from ``xts[N − skip]``, step ``skip`` on, with the stored z's."""
         n = schedule.num_steps
-        skip = default_skip(n) if options.skip is None else options.skip
+        skip = default_skip(n, model.family) if options.skip is None else options.skip
         if isinstance(skip, bool) or not isinstance(skip, numbers.Integral) or not 0 <= skip < n:
             raise PyinvError(
                 f"skip must be an integer in [0, {n}) for this {n}-step inversion, got {skip!r}"

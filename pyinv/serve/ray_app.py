@@ -73,6 +73,7 @@ class ReplicaSettings:
         device: ``"cpu"`` or ``"cuda"``; ``None``: CUDA when the replica has a GPU.
         dtype: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (``None``: fp32).
         backend: the UNet's backend (``None``: eager).
+        vae: a VAE folder or hub id in place of the model's own (``None``: its own).
         store_root: the inversion folder the replicas share (``None``: memory only).
         disk_bytes: the cap on the folder's size.
         memory_items: inversions each replica keeps in memory.
@@ -86,6 +87,7 @@ class ReplicaSettings:
     device: str | None = None
     dtype: str | None = None
     backend: str | None = None
+    vae: str | None = None
     store_root: str | None = None
     disk_bytes: int = DEFAULT_DISK_BYTES
     memory_items: int = DEFAULT_MEMORY_ITEMS
@@ -138,6 +140,7 @@ def _build(settings: ReplicaSettings) -> Engine:
             dtype=parse_dtype(settings.dtype),
             progress=False,
             backend=settings.backend,
+            vae=settings.vae,
         )
 
     store = InversionStore(
