@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks of one session on a lent H100/H200, in one command:
-#   bash benchmarks/gpu_session.sh [step|tests|unet|speed|all]      (default all)
+#   bash benchmarks/gpu_session.sh [step|tests|unet|speed|sdxl|all]      (default all)
 # Writes logs and results to $OUT (default benchmarks/results/gpu-run). Python packages the
 # machine lacks (diffusers; onnxscript and onnx-ir for the onnxruntime backend's export) travel
 # as wheels in .whl/ (see the device notes), installed here.
@@ -51,4 +51,13 @@ if [[ $what == speed || $what == all ]]; then
     --json "$OUT/speed-sd15-arch.json" --markdown "$OUT/speed-sd15-arch.md" --plot "$OUT/speed-sd15-arch.png" \
     > "$OUT/speed.log" 2>&1
   tail -16 "$OUT/speed.log"
+fi
+if [[ $what == sdxl || $what == all ]]; then
+  # SDXL base's architecture (random weights, built on the GPU in fp16): Direct + P2P at 1024²,
+  # 50 steps, end to end and peak memory (targets: <= 4 s, <= 12 GiB), eager and compile
+  python3 -m pyinv benchmark --model sdxl-arch --device cuda --dtype fp16 --backend eager --backend compile \
+    --method direct --control p2p --no-baseline --warmup 1 --repeats 3 -q \
+    --json "$OUT/speed-sdxl-arch-1024.json" --markdown "$OUT/speed-sdxl-arch-1024.md" \
+    > "$OUT/speed-sdxl.log" 2>&1
+  tail -8 "$OUT/speed-sdxl.log"
 fi
