@@ -277,7 +277,7 @@ def test_edit_friendly_with_skip(images, tmp_path):
 
 def test_methods_lists_every_method(capsys):
     assert cli.main(["methods"]) == 0
-    methods, controls = capsys.readouterr().out.split("\n\n")
+    methods, controls, families = capsys.readouterr().out.split("\n\n")
     listed = [line.split()[0] for line in methods.splitlines() if line and not line[0].isspace()]
     assert listed == list(METHODS)
     assert [line.split()[0] for line in controls.splitlines()[1:] if line.startswith("  ") and line[2] != " "] == [
@@ -286,6 +286,25 @@ def test_methods_lists_every_method(capsys):
         "masactrl",
         "pnp",
     ]
+    assert [line.split()[0] for line in families.splitlines()[1:]] == ["SD", "SDXL"]
+    assert "on SDXL 57 steps, guidance 5" in methods  # EF-DDPM's LEDITS++ settings there
+
+
+def test_info_says_what_runs_on_each_model_family(capsys):
+    assert cli.main(["info", "--json"]) == 0
+    families = json.loads(capsys.readouterr().out)["families"]
+    assert set(families) == {"SD", "SDXL"}
+    for support in families.values():
+        assert support["methods"] == list(METHODS) and support["controls"] == ["none", "p2p", "masactrl", "pnp"]
+        assert {"eager", "compile"} <= set(support["backends"])
+    assert families["SD"]["backends"] == ["eager", "compile", "onnxruntime", "tensorrt"]
+    ef = families["SDXL"]["defaults"]["edit-friendly"]
+    assert ef == {"steps": 57, "guidance": 5.0, "inversion_guidance": 3.5}
+    assert families["SD"]["defaults"]["edit-friendly"]["steps"] == 100
+    assert families["SDXL"]["defaults"]["direct"] == families["SD"]["defaults"]["direct"]
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "SDXL: Stable Diffusion XL base" in text and "edit-friendly on SDXL: steps 57, guidance 5" in text
 
 
 def test_info_json(capsys):

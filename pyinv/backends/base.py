@@ -17,12 +17,15 @@ class Backend:
 
     Attributes:
         name: the backend's name (:data:`pyinv.backends.BACKENDS`).
+        families: the model families it runs (``pyinv info`` lists them).
         traced: the UNet runs as a traced graph, which controllers keep to one per layout by
             applying every term at every step.
     """
 
     name: str = ""
     traced: bool = False
+    #: the model families (``DiffusionModel.family``: ``"SD"``, ``"SDXL"``) it runs
+    families: tuple[str, ...] = ("SD", "SDXL")
 
     def runner(self, unet: torch.nn.Module):
         """The module the UNet runs as (diffusers' UNet signature), made once per UNet."""

@@ -187,6 +187,7 @@ class ExportingBackend(Backend):
     """
 
     traced = True
+    families = ("SD",)
 
     def __init__(self, cache: ExportCache | str | None = None, opset: int = OPSET, optimize: bool = False):
         self.cache = cache if isinstance(cache, ExportCache) else ExportCache(cache)

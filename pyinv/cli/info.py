@@ -20,6 +20,32 @@ def add_parsers(sub) -> None:
     info.set_defaults(func=cmd_info)
 
 
+#: the model families pyinv runs (``DiffusionModel.family``), as ``pyinv info`` names them
+FAMILIES = {
+    "SD": "Stable Diffusion 1.x/2.x (epsilon or v prediction; latent or pixel space)",
+    "SDXL": "Stable Diffusion XL base (two text encoders, pooled embedding and time ids)",
+}
+
+
+def family_support() -> dict[str, dict]:
+    """Per model family: what runs on it (every method and controller; the backends whose
+    ``families`` include it) and the methods' defaults there (:meth:`Method.defaults_for`)."""
+    from ..backends import BACKENDS
+    from ..control.registry import CONTROL_NAMES
+    from ..inversion import METHODS
+
+    return {
+        family: {
+            "models": about,
+            "methods": list(METHODS),
+            "controls": list(CONTROL_NAMES),
+            "backends": [name for name, cls in BACKENDS.items() if family in cls.families],
+            "defaults": {name: m.defaults_for(family) for name, m in METHODS.items()},
+        }
+        for family, about in FAMILIES.items()
+    }
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     """``pyinv methods``: one entry per registered method, then the attention controls."""
     from ..inversion import ALIASES, METHODS
@@ -32,6 +58,11 @@ def cmd_methods(args: argparse.Namespace) -> int:
         if inv_guidance is not None:
             guidance += f" (inversion {inv_guidance:g})"
         details = [f"{m.default_steps} steps, {guidance}, {m.default_schedule} schedule"]
+        for family, own in m.family_defaults.items():  # a reference's defaults on that family
+            shown = [f"{own['steps']} steps"] if "steps" in own else []
+            shown += [f"guidance {own['guidance']:g}"] if "guidance" in own else []
+            shown += [f"inversion guidance {own['inversion_guidance']:g}"] if "inversion_guidance" in own else []
+            details.append(f"on {family} " + ", ".join(shown))
         flags = method_flags(m)
         if flags:
             details.append("options " + " ".join(flags))
@@ -47,6 +78,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
     print("attention control (pyinv edit --control):")
     for line in control_epilog().splitlines()[1:]:
         print(line)
+    print()
+    print("models (pyinv --model): every method and control runs on")
+    for family, support in family_support().items():
+        print(f"  {family:<6}{support['models']}; backends {', '.join(support['backends'])}")
     return 0
 
 
@@ -60,7 +95,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     ops = availability()
     backends = backend_availability()
     if args.json:
-        print(json.dumps({**env, "ops": ops, "backends": {k: v or "ready" for k, v in backends.items()}}, indent=2))
+        ready = {k: v or "ready" for k, v in backends.items()}
+        print(json.dumps({**env, "ops": ops, "backends": ready, "families": family_support()}, indent=2))
         return 0
     width = max(len(k) for k in env) + 2
     for key, value in env.items():
@@ -76,4 +112,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("UNet backends (--backend):")
     for name, why in backends.items():
         print(f"  {name}: {why or 'ready'}")
+    print("model families (--model): every method and control on each")
+    for family, support in family_support().items():
+        print(f"  {family}: {support['models']}; backends: {', '.join(support['backends'])}")
+    sd = family_support()["SD"]["defaults"]
+    for family, support in family_support().items():
+        for name, own in support["defaults"].items():
+            if own != sd[name]:
+                changed = ", ".join(f"{key} {value:g}" for key, value in own.items() if value != sd[name][key])
+                print(f"    {name} on {family}: {changed}")
     return 0
