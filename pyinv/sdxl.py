@@ -43,14 +43,22 @@ class AddedConditions:
         return replace(self, time_ids=square_time_ids(image_size))
 
     def unet_kwargs(self, embeddings: torch.Tensor) -> dict[str, Any]:
-        """``encoder_hidden_states`` and ``added_cond_kwargs`` of the UNet call for packed
-        ``embeddings (R, L + 1, D)``. The time ids are made by fills on the embeddings'
-        device (no host copy), so the split may run inside a traced or captured graph."""
+        """``encoder_hidden_states (R, L, D)`` and ``added_cond_kwargs`` (``text_embeds (R, P)``,
+        ``time_ids (R, 6)``) of the UNet call for packed ``embeddings (R, L + 1, D)``. The time
+        ids are made by fills on the embeddings' device (no host copy), so the split may run
+        inside a traced, exported or captured graph, where they are constants.
+
+        ``text_embeds`` come at least in float32: the UNet concatenates them with its float32
+        embedding of the time ids, which promotes a float16 row to float32 anyway (the same
+        values). Cast here, that concatenation is of one type in an exported graph too, where
+        the exporter would not insert the promotion (ONNX's ``Concat`` takes one type)."""
         rows = embeddings.shape[0]
         time_ids = torch.stack([embeddings.new_full((rows,), float(v)) for v in self.time_ids], dim=1)
+        pooled = embeddings[:, self.tokens, : self.pooled_dim]
+        pooled = pooled.to(torch.promote_types(pooled.dtype, torch.float32))
         return {
             "encoder_hidden_states": embeddings[:, : self.tokens],
-            "added_cond_kwargs": {"text_embeds": embeddings[:, self.tokens, : self.pooled_dim], "time_ids": time_ids},
+            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids},
         }
 
 

@@ -150,6 +150,24 @@ def test_an_interrupted_export_writes_no_report(first, tmp_path, monkeypatch):
     assert len(ExportCache(cache).entries()) == 3
 
 
+def test_an_sdxl_model_exports(tmp_path):
+    """``pyinv export --model tiny-xl``: SDXL's graphs (the packed embeddings split inside
+    them), which an edit on the same cache then finds."""
+    cache, report = tmp_path / "exports", tmp_path / "xl.json"
+    argv = ["export", "--model", "tiny-xl", "--cache-dir", str(cache), "--layouts", "direct+p2p"]
+    status, out, err = run([*argv, "--json", str(report)])
+    assert status == 0, err
+    done = json.loads(report.read_text())
+    assert done["model"] == "tiny-xl" and done["totals"]["built"] == 2
+    assert {g["signature"] for g in done["graphs"]} == {"R=1 16×16 plain", "R=3 16×16 p2p(cross,self)"}
+    assert out.splitlines()[0].startswith("pyinv export: model tiny-xl, onnxruntime")
+    backend = OnnxRuntimeBackend(cache=cache)
+    editor = pyinv.Editor.from_pretrained("tiny-xl", backend=backend)
+    inv = editor.invert(make_test_image(32), "a photo of a red ball", method="direct", steps=4, seed=1)
+    editor.edit(inv, "a photo of a blue cube", control=pyinv.P2P())
+    assert backend.built == [] and len(backend.found) == 2
+
+
 # ---------------------------------------------------------------------- mistakes
 ERRORS = {
     "unknown method": (["--layouts", "foo+p2p"], "unknown method 'foo'"),

@@ -280,14 +280,33 @@ def test_diffusers_folder_loads_like_the_preset(xl, direct_inv, tmp_path):
     assert not fingerprints_match(other.fingerprint(), m.fingerprint())
 
 
-def test_exporting_backends_refuse_sdxl(xl, monkeypatch):
+def test_exporting_backends_accept_sdxl(xl, monkeypatch):
+    """The onnxruntime and tensorrt backends export SDXL's split (tests/test_backend_onnxruntime_sdxl.py)."""
     for backend in (OnnxRuntimeBackend, TensorRTBackend):
-        with pytest.raises(PyinvError, match="does not export SDXL's added conditions yet; use eager or compile"):
-            backend().check_model(xl.model)
-        backend().check_model(pyinv.Editor.from_pretrained("tiny").model)  # SD: accepted
+        backend().check_model(xl.model)
+        backend().check_model(pyinv.Editor.from_pretrained("tiny").model)
     monkeypatch.setattr(OnnxRuntimeBackend, "check", lambda self, device, dtype: None)  # without onnxruntime
-    with pytest.raises(PyinvError, match="onnxruntime backend does not export SDXL"):
-        load_model("tiny-xl", backend="onnxruntime")
+    m = load_model("tiny-xl", backend="onnxruntime")
+    assert m.family == "SDXL" and m.backend.name == "onnxruntime"
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp64"])
+def test_the_split_in_other_dtypes_equals_the_diffusers_call(dtype):
+    """The pooled row goes to the UNet in at least float32 (what its concatenation with the
+    float32 time embedding promotes it to anyway): the same outputs as the row in the model's dtype."""
+    m = load_model("tiny-xl", dtype=dtype)
+    emb = m.encode_prompts([SRC, TGT]).to(m.dtype)
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)).to(m.dtype)
+    time_ids = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2, dtype=m.dtype)
+    with torch.no_grad():
+        want = m.unet(
+            z,
+            torch.tensor(501),
+            encoder_hidden_states=emb[:, :77],
+            added_cond_kwargs={"text_embeds": emb[:, 77, :P], "time_ids": time_ids},
+        ).sample
+    got = m.unet_forward(z, 501, emb)  # in the latents' dtype
+    assert want.dtype == m.dtype and torch.equal(got, want.to(got.dtype))
 
 
 def test_compile_backend_and_flat_call_split_the_embeddings(xl, direct_inv, monkeypatch):

@@ -40,8 +40,9 @@ class Backend:
         """Refuse (``PyinvError``) a device or dtype the backend cannot run."""
 
     def check_model(self, model) -> None:
-        """Refuse (``PyinvError``) a loaded model the backend cannot run (e.g. one with SDXL's
-        added conditions, :mod:`pyinv.sdxl`)."""
+        """Refuse (``PyinvError``) a loaded model the backend cannot run; called once the
+        model's added conditions are known (:attr:`~pyinv.models.DiffusionModel.added_conditions`).
+        Every built-in backend runs SD and SDXL models alike, so none refuses any."""
 
     def run(self, model, sample, timestep, embeddings, control) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One UNet call of ``model`` (a :class:`~pyinv.models.DiffusionModel`); the

@@ -52,7 +52,7 @@ class CompileBackend(Backend):
         if not (self.cuda_graphs and sample.device.type == "cuda"):
             return super().run(model, sample, timestep, embeddings, control)
         signature, tensors = flat_inputs(sample, timestep, embeddings, control)
-        key = (id(model.unet), signature)
+        key = (id(model.unet), signature, model.added_conditions)  # the time ids are captured constants
         with _LOCK:
             found = self._graphed.get(key)
             if found is None or found[0] is not model.unet:

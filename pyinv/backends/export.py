@@ -1,13 +1,16 @@
 """The UNet exported to ONNX, one graph per :class:`~pyinv.backends.flat.GraphSignature`.
 
 A graph is exported from :class:`~pyinv.backends.flat.FlatUNet` with ``torch.onnx.export``
-(the ``torch.export``-based exporter): static shapes, inputs ``sample``, ``timestep``,
-``embeddings`` and the control tensors by name, outputs ``prediction`` (and ``maps`` when the
-rule gathers LocalBlend's word maps). The plain graph (no control) serves every uncontrolled
-call (inversion, prompt swap); a controlled graph has the rule's layers and active terms
-built in, and its per-step tensors as inputs, so one graph serves every step of every edit
-with that layout. Graphs are kept in the :class:`~pyinv.backends.cache.ExportCache`, keyed
-by what they are for (:func:`graph_what`) and what made them (:func:`graph_key`).
+(the ``torch.export``-based exporter): static shapes, inputs ``sample (R, C, h, w)``,
+``timestep ()``, ``embeddings (R, L, D)`` and the control tensors by name, outputs
+``prediction (R, C, h, w)`` (and ``maps (1 + T, n)`` when the rule gathers LocalBlend's word
+maps). An SDXL model's graph takes its packed embeddings ``(R, L + 1, D1 + D2)`` and splits
+them inside the graph (:mod:`pyinv.sdxl`), its time ids built in as constants. The plain
+graph (no control) serves every uncontrolled call (inversion, prompt swap); a controlled
+graph has the rule's layers and active terms built in, and its per-step tensors as inputs,
+so one graph serves every step of every edit with that layout. Graphs are kept in the
+:class:`~pyinv.backends.cache.ExportCache`, keyed by what they are for (:func:`graph_what`)
+and what made them (:func:`graph_key`).
 """
 
 from __future__ import annotations
@@ -79,13 +82,26 @@ def graph_what(model, signature: GraphSignature, kind: str = "onnx", optimize: b
     """What a graph is for: the model (its fingerprint and weights), the graph signature
     (layout shapes, control rule and terms) and the dtype; a cache entry's slot. A graph run
     through the ONNX optimizer (``optimize``) is another graph than the plain export, with its
-    own slot, so backends wanting one and the other do not replace each other's entries."""
+    own slot, so backends wanting one and the other do not replace each other's entries.
+
+    An SDXL model's graph also bakes in how its packed embeddings ``(R, L + 1, D)`` are split
+    and its six time ids (the model's image size, :mod:`pyinv.sdxl`), which are constants of
+    the graph, not inputs: they are part of the slot (``added_conditions``: ``tokens`` L,
+    ``pooled_dim`` P, ``time_ids``), so a model loaded at another image size gets graphs of
+    its own. An SD model has no such key and keeps the slots it had."""
     what = {
         "kind": kind,
         "model": {"fingerprint": model.fingerprint(), "weights_sha256": weights_digest(model.unet)},
         "graph": signature.doc(),
         "dtype": str(model.dtype).removeprefix("torch."),
     }
+    added = model.added_conditions
+    if added is not None:
+        what["added_conditions"] = {
+            "tokens": int(added.tokens),
+            "pooled_dim": int(added.pooled_dim),
+            "time_ids": [float(v) for v in added.time_ids],
+        }
     if optimize:
         what["optimize"] = True
     return what
@@ -187,7 +203,6 @@ class ExportingBackend(Backend):
     """
 
     traced = True
-    families = ("SD",)
 
     def __init__(self, cache: ExportCache | str | None = None, opset: int = OPSET, optimize: bool = False):
         self.cache = cache if isinstance(cache, ExportCache) else ExportCache(cache)
@@ -201,12 +216,6 @@ class ExportingBackend(Backend):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(cache={self.cache!r})"
 
-    def check_model(self, model) -> None:
-        if model.added_conditions is not None:
-            raise PyinvError(
-                f"the {self.name} backend does not export SDXL's added conditions yet; use eager or compile"
-            )
-
     def graph_entry(self, model, signature: GraphSignature, flat: FlatUNet, tensors) -> Entry:
         """The ONNX graph of ``signature`` from the export cache, exported there if absent."""
         return self.cache.get_or_build(
@@ -216,9 +225,11 @@ class ExportingBackend(Backend):
         )
 
     def made_for(self, model, signature: GraphSignature, make):
-        """What ``make()`` makes for the model's UNet and ``signature``, once per process
-        (concurrent first calls wait for one to make it)."""
-        key = (id(model.unet), signature, str(model.device))
+        """What ``make()`` makes for the model's UNet, its added conditions and ``signature``,
+        once per process (concurrent first calls wait for one to make it). The added
+        conditions are part of the key: two SDXL models sharing one UNet at other image sizes
+        have other time ids built into their graphs."""
+        key = (id(model.unet), signature, str(model.device), model.added_conditions)
         found = self._made.get(key)
         if found is not None and found[0] is model.unet:
             return found[1]

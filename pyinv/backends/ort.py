@@ -6,7 +6,9 @@ A graph is exported at its first call (or ahead of time by ``pyinv export``), ch
 against the eager UNet on that call, kept in the export cache and loaded into an
 ``InferenceSession`` once per process. Providers: CUDA (with I/O binding on the device's
 tensors, on PyTorch's current stream) when the model is on a GPU and onnxruntime-gpu is
-installed, else the CPU one; float32 and float16 models.
+installed, else the CPU one; float32 and float16 models. SD 1.x/2.x and SDXL models alike:
+an SDXL graph splits the packed embeddings ``(R, L + 1, D1 + D2)`` itself and has the model's
+time ids built in (part of its cache slot, :func:`~pyinv.backends.export.graph_what`).
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ class OnnxRuntimeBackend(ExportingBackend):
         """The session for ``signature`` (exported and checked at its first call)."""
 
         def make() -> OrtGraph:
-            flat = flat_unet(model.unet, control)
+            flat = flat_unet(model.unet, control, model.added_conditions)
             entry = self.graph_entry(model, signature, flat, tensors)
             graph = OrtGraph(entry, model.device)
             if entry.built:  # a new graph must give the eager UNet's outputs, or it is not used

@@ -21,6 +21,10 @@ computes in float16 where the graph does. Float32 models build float32 engines, 
 off. Engines run on PyTorch's current stream with their inputs and outputs in static device
 buffers; after a first (warm-up) execution each engine's execution is captured once as a
 CUDA graph, which later calls replay. Needs ``pip install 'pyinv[tensorrt]'`` and a CUDA GPU.
+
+SDXL models export the same way: the graph's ``embeddings`` input is the packed
+``(R, L + 1, D1 + D2)`` tensor (split inside the graph, the time ids constants of it), so the
+profile is again the signature's static shapes and the engine's slot has the time ids too.
 """
 
 from __future__ import annotations
@@ -343,7 +347,7 @@ class TensorRTBackend(ExportingBackend):
         """The engine for ``signature`` (exported, built and checked at its first call)."""
 
         def make() -> TrtEngine:
-            flat = flat_unet(model.unet, control)
+            flat = flat_unet(model.unet, control, model.added_conditions)
             graph = self.graph_entry(model, signature, flat, tensors)
             entry, engine = self._loaded_engine(model, signature, graph)
             if entry.built:  # a new engine must give the eager UNet's outputs, or it is not used
